@@ -1,0 +1,56 @@
+"""The `unimodal` command: fit runs (LightningCLI), sampling, evaluation, comparison, the demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+USAGE = """usage: unimodal COMMAND ...
+
+commands:
+  tokenizer   {fit,validate} ...   stage 1: train the image tokenizer (LightningCLI; --help for options)
+  transformer {fit,validate} ...   stage 2: train the transformer (LightningCLI; --help for options)
+  sample      --bundle DIR --prompt TEXT ... --out grid.png    text-to-image sampling
+  evaluate    --bundle DIR --split test|heldout --json OUT     caption fidelity, PSNR, codebook usage
+  compare     RUN_DIR [RUN_DIR ...] --out DIR                  table + validation curves from CSV logs
+  demo        --out DIR                                        everything above on the built-in dataset
+
+Run `unimodal COMMAND --help` for a command's options.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "tokenizer":
+        from .fit import TokenizerCLI
+
+        TokenizerCLI(args=rest)
+        return 0
+    if command == "transformer":
+        from .fit import TransformerCLI
+
+        TransformerCLI(args=rest)
+        return 0
+    commands = {"sample": "sample_main", "evaluate": "evaluate_main", "compare": "compare_main", "demo": "demo_main"}
+    if command not in commands:
+        print(f"unimodal: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    from . import commands as cmds
+
+    try:
+        return getattr(cmds, commands[command])(rest) or 0
+    except (ValueError, FileNotFoundError) as err:  # user errors: one clear line, no traceback
+        print(f"unimodal {command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def parser(prog: str, description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=f"unimodal {prog}", description=description)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

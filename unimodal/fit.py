@@ -1,0 +1,93 @@
+"""The two fit runs as LightningCLI programs (`fit`, `validate`, `--config`, `--print_config`, `--ckpt_path`).
+
+    unimodal tokenizer fit --config experiments/shapes/tokenizer.yaml
+    unimodal transformer fit --config experiments/shapes/transformer.yaml
+
+Beyond the usual `trainer`/`model`/`data` sections, each run has `run` (name, output folder, W&B
+project/group), `export` (where the trained artifact goes), and stage 2 has `samples` (the prompts
+drawn after every validation). The joint vocabulary is linked from the data module into the model.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+from .datamodules import ImageDataModule, SequenceDataModule
+from .lit import Export, SampleGrid, TokenizerModule, TransformerModule
+from .loggers import RunConfig, build_loggers
+
+
+def _primitive(value):
+    """The parsed config as JSON-friendly primitives for W&B's run config."""
+    if isinstance(value, dict):
+        return {k: _primitive(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_primitive(v) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+class _FitCLI(LightningCLI):
+    def __init__(self, model_class, datamodule_class, args=None, run=True):
+        super().__init__(
+            model_class,
+            datamodule_class,
+            args=args,
+            run=run,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={"log_every_n_steps": 10, "num_sanity_val_steps": 0},
+            parser_kwargs={"parser_mode": "yaml"},
+            auto_configure_optimizers=False,
+        )
+
+    def add_arguments_to_parser(self, parser):
+        parser.add_class_arguments(RunConfig, "run")
+        parser.add_lightning_class_args(Export, "export")
+
+    def _run_config(self) -> RunConfig:
+        return self._get(self.config_init, "run")
+
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        run = self._run_config()
+        export = self._get(self.config_init, "export")
+        export.dir = export.dir or str(run.dir / "export")
+        config = _primitive(self._get(self.config, "") if self.subcommand is None else self.config[self.subcommand])
+        kwargs.setdefault("logger", build_loggers(run, config))
+        kwargs.setdefault("default_root_dir", str(run.dir))
+        trainer = super().instantiate_trainer(**kwargs)
+        for checkpoint in trainer.checkpoint_callbacks:  # Lightning's default one unless configured
+            if checkpoint.dirpath is None:
+                checkpoint.dirpath = str(run.dir / "checkpoints")
+                checkpoint.save_last = True
+        return trainer
+
+
+class TokenizerCLI(_FitCLI):
+    """Stage 1: train the image tokenizer."""
+
+    def __init__(self, args=None, run=True):
+        super().__init__(TokenizerModule, ImageDataModule, args=args, run=run)
+
+    def add_arguments_to_parser(self, parser):
+        super().add_arguments_to_parser(parser)
+        parser.link_arguments("model.model.resolution", "data.resolution")
+
+
+class TransformerCLI(_FitCLI):
+    """Stage 2: train the transformer on joint sequences."""
+
+    def __init__(self, args=None, run=True):
+        super().__init__(TransformerModule, SequenceDataModule, args=args, run=run)
+
+    def add_arguments_to_parser(self, parser):
+        super().add_arguments_to_parser(parser)
+        parser.add_lightning_class_args(SampleGrid, "samples")
+        parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
+
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        samples = self._get(self.config_init, "samples")
+        samples.out_dir = samples.out_dir or str(self._run_config().dir / "samples")
+        return super().instantiate_trainer(**kwargs)

@@ -1,0 +1,175 @@
+"""Image tokenizer: a VQ autoencoder. Its encoder+quantizer tokenizes, its decoder detokenizes.
+
+    images (B, 3, H, W) in [-1, 1] --encoder--> z (B, D, h, w) --quantizer--> codes (B, h, w) in [0, K)
+    codes --lookup--> z_q (B, D, h, w) --decoder--> images (B, 3, H, W)
+
+Saved as a folder with `config.json` (the `ImageTokenizerConfig`) and `model.safetensors`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .quantizers import QUANTIZERS, QuantizerOutput
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class ImageTokenizerConfig:
+    resolution: int = 32
+    channels: int = 32  # stem width; level i has channels * channel_mult[i]
+    channel_mult: list[int] = field(default_factory=lambda: [2, 4])  # one stride-2 downsample per entry
+    num_res_blocks: int = 1
+    code_dim: int = 32
+    codebook_size: int = 512
+    quantizer: str = "vq"  # a name in unimodal.quantizers.QUANTIZERS
+    beta: float = 0.25  # commitment weight
+
+    def __post_init__(self):
+        self.channel_mult = list(self.channel_mult)
+        if self.quantizer not in QUANTIZERS:
+            raise ValueError(f"unknown quantizer {self.quantizer!r}; choose one of {sorted(QUANTIZERS)}")
+        factor = self.downsample
+        if self.resolution % factor:
+            raise ValueError(f"resolution {self.resolution} must be divisible by the downsampling {factor}")
+        if self.grid_size**2 > 256:
+            raise ValueError(f"{self.grid_size}x{self.grid_size} codes is over the 256 image-token budget")
+        if self.codebook_size < 2 or self.code_dim < 1:
+            raise ValueError("codebook_size must be >= 2 and code_dim >= 1")
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** len(self.channel_mult)
+
+    @property
+    def grid_size(self) -> int:
+        return self.resolution // self.downsample
+
+
+class ResBlock(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1),
+            nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1),
+        )  # fmt: skip
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
+class Encoder(nn.Module):
+    """Stem conv at full resolution, then per level a stride-2 conv and residual blocks."""
+
+    def __init__(self, c: ImageTokenizerConfig):
+        super().__init__()
+        ch = c.channels
+        layers: list[nn.Module] = [nn.Conv2d(3, ch, 3, padding=1)]
+        for mult in c.channel_mult:
+            out = c.channels * mult
+            layers += [nn.Conv2d(ch, out, 4, stride=2, padding=1)]  # halves H and W
+            layers += [ResBlock(out) for _ in range(c.num_res_blocks)]
+            ch = out
+        layers += [nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, c.code_dim, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, D, h, w)
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    """Mirror of the encoder: residual blocks per level, nearest upsampling + conv between levels."""
+
+    def __init__(self, c: ImageTokenizerConfig):
+        super().__init__()
+        ch = c.channels * c.channel_mult[-1]
+        layers: list[nn.Module] = [nn.Conv2d(c.code_dim, ch, 3, padding=1)]
+        for mult in reversed([1, *c.channel_mult[:-1]]):
+            layers += [ResBlock(ch) for _ in range(c.num_res_blocks)]
+            out = c.channels * mult
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(ch, out, 3, padding=1)]
+            ch = out
+        layers += [nn.GroupNorm(8, ch), nn.SiLU(), nn.Conv2d(ch, 3, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z):  # (B, D, h, w) -> (B, 3, H, W)
+        return self.net(z)
+
+
+class ImageTokenizer(nn.Module):
+    def __init__(self, config: ImageTokenizerConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.quantizer = QUANTIZERS[config.quantizer](config.codebook_size, config.code_dim, beta=config.beta)
+        self.decoder = Decoder(config)
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.codebook_size
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.config.grid_size, self.config.grid_size)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput]:
+        q = self.quantizer(self.encoder(images))
+        return self.decoder(q.z_q), q
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> codes (B, h, w) int64."""
+        self._check_images(images)
+        return self.quantizer(self.encoder(images)).codes
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (B, h, w) -> images (B, 3, H, W) in [-1, 1]."""
+        return self.decoder(self.quantizer.lookup(codes)).clamp(-1, 1)
+
+    def _check_images(self, images: torch.Tensor):
+        r = self.config.resolution
+        if images.dim() != 4 or tuple(images.shape[1:]) != (3, r, r):
+            raise ValueError(f"expected images of shape (B, 3, {r}, {r}), got {tuple(images.shape)}")
+
+    # ---- persistence: config.json + model.safetensors
+    def save_pretrained(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
+        tmp = directory / (WEIGHTS_FILE + ".tmp")
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(tmp))
+        tmp.replace(directory / WEIGHTS_FILE)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> ImageTokenizer:
+        directory = Path(directory)
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(
+                    f"{directory} is not an image tokenizer folder (missing {name}); "
+                    "train one with `unimodal tokenizer fit --config ...`."
+                )
+        model = cls(load_config(directory))
+        model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
+        return model.eval()
+
+
+def load_config(directory: str | Path) -> ImageTokenizerConfig:
+    return ImageTokenizerConfig(**json.loads((Path(directory) / CONFIG_FILE).read_text()))
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB for images in [-1, 1] (measured on the [0, 1] scale). (B,) tensor."""
+    mse = F.mse_loss((x.clamp(-1, 1) + 1) / 2, (y.clamp(-1, 1) + 1) / 2, reduction="none").flatten(1).mean(1)
+    return -10 * torch.log10(mse.clamp_min(1e-10))

@@ -1,0 +1,237 @@
+"""Thin LightningModules over the plain models, and the callbacks the fit runs use.
+
+The math lives in `image_tokenizer`, `model` and `grammar`; here are only steps, optimizers,
+metrics and logging. Metric keys: `train/...`, `val/...`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from transformers import get_cosine_schedule_with_warmup
+
+from .bundle import Bundle
+from .grammar import SegmentGrammar
+from .image_tokenizer import ImageTokenizer, ImageTokenizerConfig, psnr
+from .loggers import log_image
+from .model import TransformerConfig, build_transformer, sequence_loss
+from .quantizers import code_statistics
+from .sampling import SamplingParams, make_grid
+from .vocab import JointVocab
+
+
+def _adamw(module: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95)):
+    """AdamW with decay on matrices only (not norms, biases, or the VQ codebook's usage buffers)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def _cosine(optimizer, trainer, warmup_steps: int):
+    total = max(int(trainer.estimated_stepping_batches), warmup_steps + 1)
+    schedule = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class TokenizerModule(L.LightningModule):
+    """Stage 1: the VQ autoencoder.
+
+    Args:
+        model: the image tokenizer's architecture.
+        lr: peak learning rate (cosine decay after warm-up).
+        warmup_steps: linear warm-up steps.
+        weight_decay: AdamW decay on weight matrices.
+        pixel_loss: "mse" or "l1".
+    """
+
+    def __init__(
+        self,
+        model: ImageTokenizerConfig = ImageTokenizerConfig(),  # noqa: B008 (immutable in practice; CLI needs it)
+        lr: float = 2e-3,
+        warmup_steps: int = 50,
+        weight_decay: float = 0.0,
+        pixel_loss: str = "mse",
+    ):
+        super().__init__()
+        if pixel_loss not in ("mse", "l1"):
+            raise ValueError(f"pixel_loss must be 'mse' or 'l1', got {pixel_loss!r}")
+        self.save_hyperparameters({"model": asdict(model), "lr": lr, "warmup_steps": warmup_steps,
+                                   "weight_decay": weight_decay, "pixel_loss": pixel_loss})  # fmt: skip
+        self.tokenizer = ImageTokenizer(model)
+        self.pixel_loss = F.mse_loss if pixel_loss == "mse" else F.l1_loss
+
+    def training_step(self, images, batch_idx):
+        recon, q = self.tokenizer(images)
+        rec = self.pixel_loss(recon, images)
+        loss = rec + q.loss
+        self.log_dict({"train/loss": loss, "train/rec_loss": rec, "train/vq_loss": q.loss}, prog_bar=True)
+        return loss
+
+    def on_validation_epoch_start(self):
+        self._val = {"psnr": 0.0, "n": 0, "rec": 0.0, "counts": torch.zeros(self.tokenizer.codebook_size)}
+
+    def validation_step(self, images, batch_idx):
+        recon, q = self.tokenizer(images)
+        self._val["psnr"] += float(psnr(recon, images).sum())
+        self._val["rec"] += float(self.pixel_loss(recon, images, reduction="sum")) / images[0].numel()
+        self._val["n"] += images.shape[0]
+        self._val["counts"] += torch.bincount(q.codes.flatten().cpu(), minlength=self.tokenizer.codebook_size)
+        if batch_idx == 0:
+            self._val_example = (images[:8].cpu(), recon[:8].cpu())
+
+    def on_validation_epoch_end(self):
+        v, n = self._val, max(self._val["n"], 1)
+        stats = code_statistics(v["counts"])
+        self.log_dict({
+            "val/psnr": v["psnr"] / n, "val/rec_loss": v["rec"] / n,
+            "val/codebook_usage": stats["codebook_usage"], "val/perplexity": stats["perplexity"],
+        }, prog_bar=True)  # fmt: skip
+        if not self.trainer.sanity_checking and self.trainer.loggers:
+            originals, recons = self._val_example
+            grid = make_grid(torch.cat([originals, recons]), ncol=originals.shape[0], cell=64)
+            log_image(self.trainer.loggers, "val/reconstructions", grid, self.global_step, "top: input, bottom: recon")
+
+    def configure_optimizers(self):
+        opt = _adamw(self.tokenizer, self.hparams.lr, self.hparams.weight_decay, betas=(0.9, 0.99))
+        return _cosine(opt, self.trainer, self.hparams.warmup_steps)
+
+    def export(self, directory: Path, datamodule) -> Path:
+        return self.tokenizer.save_pretrained(directory)
+
+
+class TransformerModule(L.LightningModule):
+    """Stage 2: the decoder-only transformer over joint sequences.
+
+    Args:
+        vocab: the joint vocabulary (linked from the data module; not set by hand).
+        model: transformer size.
+        lr: peak learning rate (cosine decay after warm-up).
+        warmup_steps: linear warm-up steps.
+        weight_decay: AdamW decay on weight matrices.
+        loss_weights: weight of each segment's mean loss, DALL-E style (text 1 : image 7).
+        grammar_loss_mask: restrict each position's softmax to the ids the grammar allows there.
+    """
+
+    def __init__(
+        self,
+        vocab: JointVocab | None = None,
+        model: TransformerConfig = TransformerConfig(),  # noqa: B008
+        lr: float = 1e-3,
+        warmup_steps: int = 100,
+        weight_decay: float = 0.1,
+        loss_weights: dict[str, float] | None = None,
+        grammar_loss_mask: bool = True,
+    ):
+        super().__init__()
+        if vocab is None:
+            raise ValueError("TransformerModule needs the joint vocabulary; the CLI links it from data.vocab")
+        vocab = JointVocab.from_dict(vocab) if isinstance(vocab, dict) else vocab
+        loss_weights = dict(loss_weights or {"text": 1.0, "image": 7.0})
+        unknown = set(loss_weights) - {"text", "image"}
+        if unknown or any(w < 0 for w in loss_weights.values()):
+            raise ValueError(f"loss_weights takes non-negative 'text' and 'image' weights, got {loss_weights}")
+        self.save_hyperparameters({"vocab": vocab.to_dict(), "model": asdict(model), "lr": lr,
+                                   "warmup_steps": warmup_steps, "weight_decay": weight_decay,
+                                   "loss_weights": loss_weights, "grammar_loss_mask": grammar_loss_mask})  # fmt: skip
+        self.vocab = vocab
+        self.grammar = SegmentGrammar(vocab)
+        self.model = build_transformer(model, vocab)
+        self.loss_weights = loss_weights
+
+    def _loss(self, batch):
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return sequence_loss(logits, batch["input_ids"], batch["attention_mask"], self.grammar,
+                             self.loss_weights, self.hparams.grammar_loss_mask)  # fmt: skip
+
+    def training_step(self, batch, batch_idx):
+        loss, _ = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_validation_epoch_start(self):
+        self._val = {k: torch.zeros(2, dtype=torch.float64) for k in ("text", "image")}
+        self._val_loss = []
+
+    def validation_step(self, batch, batch_idx):
+        loss, parts = self._loss(batch)
+        self._val_loss.append((float(loss), batch["input_ids"].shape[0]))
+        for name, (s, n) in parts.items():
+            self._val[name] += torch.tensor([float(s), float(n)], dtype=torch.float64)
+
+    def on_validation_epoch_end(self):
+        total = sum(n for _, n in self._val_loss)
+        metrics = {"val/loss": sum(l * n for l, n in self._val_loss) / max(total, 1)}
+        for name, (s, n) in self._val.items():
+            metrics[f"val/loss_{name}"] = float(s / max(n, 1))
+        dm = self.trainer.datamodule
+        if dm is not None and hasattr(dm, "image_unigram_loss"):
+            if not hasattr(self, "_unigram"):
+                self._unigram = dm.image_unigram_loss()
+            metrics["val/loss_image_unigram"] = self._unigram
+        self.log_dict(metrics, prog_bar=True)
+
+    def configure_optimizers(self):
+        opt = _adamw(self.model, self.hparams.lr, self.hparams.weight_decay)
+        return _cosine(opt, self.trainer, self.hparams.warmup_steps)
+
+    def bundle(self, datamodule) -> Bundle:
+        return Bundle(datamodule.text_tokenizer, datamodule.image_tokenizer, self.vocab, self.model)
+
+    def export(self, directory: Path, datamodule) -> Path:
+        return self.bundle(datamodule).save(directory)
+
+
+class Export(L.Callback):
+    """Writes the trained artifact at the end of fit: the image tokenizer folder (stage 1) or the
+    bundle (stage 2), into `dir` (default: `{run.root}/{run.name}/export`)."""
+
+    def __init__(self, dir: str | None = None):
+        self.dir = dir
+
+    def on_fit_end(self, trainer, pl_module):
+        if trainer.is_global_zero and not trainer.interrupted:
+            path = pl_module.export(Path(self.dir), trainer.datamodule)
+            print(f"exported {type(pl_module).__name__.replace('Module', '').lower()} -> {path}")
+
+
+class SampleGrid(L.Callback):
+    """After each validation, generates images for fixed prompts and logs the grid (W&B + PNG file).
+
+    Args:
+        prompts: captions to draw; the same ones every validation, so runs are comparable.
+        images_per_prompt: samples per caption.
+        temperature: sampling temperature.
+        top_k: keep the k most likely ids (None = all allowed ids).
+        seed: sampling seed (the training RNG is not touched).
+        out_dir: folder for `samples_step{N}.png` (default: the run folder).
+    """
+
+    def __init__(
+        self,
+        prompts: list[str] | None = None,
+        images_per_prompt: int = 4,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int = 0,
+        out_dir: str | None = None,
+    ):
+        self.prompts = prompts or []
+        self.params = SamplingParams(temperature=temperature, top_k=top_k, seed=seed, images_per_prompt=images_per_prompt)
+        self.out_dir = out_dir
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking or not self.prompts or not trainer.is_global_zero:
+            return
+        images = pl_module.bundle(trainer.datamodule).generate(self.prompts, self.params)
+        labels = [p for p in self.prompts for _ in range(self.params.images_per_prompt)]
+        grid = make_grid(images, labels, ncol=self.params.images_per_prompt * 2)
+        if self.out_dir:
+            Path(self.out_dir).mkdir(parents=True, exist_ok=True)
+            grid.save(Path(self.out_dir) / f"samples_step{trainer.global_step}.png")
+        log_image(trainer.loggers, "val/samples", grid, trainer.global_step)

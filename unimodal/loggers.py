@@ -1,0 +1,67 @@
+"""The one helper that builds a run's loggers: W&B (offline unless logged in) and CSV, always."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+
+
+@dataclass
+class RunConfig:
+    """Where a fit run writes and how it shows up in W&B.
+
+    Everything lands in `{root}/{name}/`: `csv/` (metrics.csv), `wandb/`, `checkpoints/`, the exported
+    artifact and sample grids. Runs of one family share `project` and `group`, so they line up in the
+    W&B UI as they do in `unimodal compare`.
+    """
+
+    name: str = "run"
+    root: str = "runs"
+    project: str = "unimodal"
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    wandb: str = "auto"  # auto (online if logged in, else offline) | online | offline | disabled
+
+    def __post_init__(self):
+        if self.wandb not in ("auto", "online", "offline", "disabled"):
+            raise ValueError(f"run.wandb must be auto, online, offline or disabled; got {self.wandb!r}")
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.root) / self.name
+
+
+def wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path.home() / ".netrc"
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def build_loggers(run: RunConfig, config: dict | None = None) -> list[Logger]:
+    """CSVLogger always (offline comparison); WandbLogger unless disabled, logging `config` as run config."""
+    run.dir.mkdir(parents=True, exist_ok=True)
+    loggers: list[Logger] = [CSVLogger(save_dir=str(run.dir), name="csv", version="")]
+    if run.wandb != "disabled":
+        offline = run.wandb == "offline" or (run.wandb == "auto" and not wandb_logged_in())
+        wandb_logger = WandbLogger(
+            name=run.name,
+            project=run.project,
+            group=run.group,
+            tags=run.tags or None,
+            save_dir=str(run.dir),
+            offline=offline,
+            config=config,
+        )
+        loggers.append(wandb_logger)
+    return loggers
+
+
+def log_image(loggers: list[Logger], key: str, image, step: int, caption: str | None = None):
+    """A PIL image to every logger that takes images (W&B); CSV keeps numbers only."""
+    for lg in loggers:
+        if isinstance(lg, WandbLogger):
+            lg.log_image(key=key, images=[image], step=step, caption=[caption] if caption else None)

@@ -1,0 +1,126 @@
+"""The joint vocabulary: the one place that does id arithmetic.
+
+Layout of the joint id space (V = text_size + image_size + 5):
+
+    [0, text_size)                          BPE text ids, unchanged
+    [text_size, text_size + image_size)     image codes, shifted by text_size
+    then <bos> <boi> <eoi> <eos> <pad>
+
+A text-to-image sequence is `<bos> text... <boi> code x N <eoi> <eos>`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+SPECIALS = ("<bos>", "<boi>", "<eoi>", "<eos>", "<pad>")
+VOCAB_FILE = "vocab.json"
+
+
+@dataclass(frozen=True)
+class JointVocab:
+    text_size: int  # BPE vocabulary size
+    image_size: int  # codebook size K of the image tokenizer
+    image_grid: tuple[int, int]  # (h, w) of the code grid; N = h * w image tokens per image
+    max_text_tokens: int = 32  # text budget per caption; longer captions are truncated
+
+    def __post_init__(self):
+        object.__setattr__(self, "image_grid", tuple(self.image_grid))
+        for name in ("text_size", "image_size", "max_text_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"JointVocab.{name} must be positive, got {getattr(self, name)}")
+        if len(self.image_grid) != 2 or min(self.image_grid) <= 0:
+            raise ValueError(f"JointVocab.image_grid must be (h, w) > 0, got {self.image_grid}")
+
+    # ---- ranges and specials
+    @property
+    def image_offset(self) -> int:
+        return self.text_size
+
+    @property
+    def special_offset(self) -> int:
+        return self.text_size + self.image_size
+
+    @property
+    def size(self) -> int:
+        return self.special_offset + len(SPECIALS)
+
+    @property
+    def image_tokens(self) -> int:
+        return self.image_grid[0] * self.image_grid[1]
+
+    @property
+    def max_sequence_length(self) -> int:
+        return 1 + self.max_text_tokens + 1 + self.image_tokens + 2
+
+    def special(self, name: str) -> int:
+        return self.special_offset + SPECIALS.index(name)
+
+    bos = property(lambda self: self.special("<bos>"))
+    boi = property(lambda self: self.special("<boi>"))
+    eoi = property(lambda self: self.special("<eoi>"))
+    eos = property(lambda self: self.special("<eos>"))
+    pad = property(lambda self: self.special("<pad>"))
+
+    def is_text(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids < self.text_size
+
+    def is_image(self, ids: torch.Tensor) -> torch.Tensor:
+        return (ids >= self.image_offset) & (ids < self.special_offset)
+
+    # ---- conversions between local and joint ids
+    def codes_to_ids(self, codes: torch.Tensor) -> torch.Tensor:
+        """Code grid (..., h, w) in [0, K) -> joint ids (..., N), raster order."""
+        return codes.flatten(-2) + self.image_offset
+
+    def ids_to_codes(self, ids: torch.Tensor) -> torch.Tensor:
+        """Joint image ids (..., N) -> code grid (..., h, w)."""
+        if not bool(self.is_image(ids).all()):
+            raise ValueError("ids_to_codes got ids outside the image range")
+        return (ids - self.image_offset).reshape(*ids.shape[:-1], *self.image_grid)
+
+    def truncate_text(self, text_ids: list[int]) -> list[int]:
+        return list(text_ids[: self.max_text_tokens])
+
+    def text_to_image_sequence(self, text_ids: list[int], codes: torch.Tensor) -> list[int]:
+        """`<bos> text <boi> codes <eoi> <eos>` as a list of joint ids."""
+        image = self.codes_to_ids(codes).tolist()
+        return [self.bos, *self.truncate_text(text_ids), self.boi, *image, self.eoi, self.eos]
+
+    def prompt(self, text_ids: list[int]) -> list[int]:
+        """The prefix that asks for an image: `<bos> text <boi>`."""
+        return [self.bos, *self.truncate_text(text_ids), self.boi]
+
+    def split_sequence(self, ids: list[int]) -> tuple[list[int], list[int]]:
+        """A text-to-image sequence -> (text ids, local image codes); specials and padding dropped."""
+        text = [i for i in ids if i < self.text_size]
+        codes = [i - self.image_offset for i in ids if self.image_offset <= i < self.special_offset]
+        return text, codes
+
+    # ---- persistence
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["image_grid"] = list(self.image_grid)
+        d["specials"] = {name: self.special(name) for name in SPECIALS}
+        d["size"] = self.size
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> JointVocab:
+        return cls(d["text_size"], d["image_size"], tuple(d["image_grid"]), d.get("max_text_tokens", 32))
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / VOCAB_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> JointVocab:
+        path = Path(directory) / VOCAB_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no joint vocabulary at {path}")
+        return cls.from_dict(json.loads(path.read_text()))
