@@ -54,7 +54,8 @@ class _FitCLI(LightningCLI):
         run = self._run_config()
         export = self._get(self.config_init, "export")
         export.dir = export.dir or str(run.dir / "export")
-        config = _primitive(self._get(self.config, "") if self.subcommand is None else self.config[self.subcommand])
+        config = self.config if self.subcommand is None else self.config[self.subcommand]
+        config = _primitive(config.as_dict())
         kwargs.setdefault("logger", build_loggers(run, config))
         kwargs.setdefault("default_root_dir", str(run.dir))
         trainer = super().instantiate_trainer(**kwargs)

@@ -64,4 +64,5 @@ def log_image(loggers: list[Logger], key: str, image, step: int, caption: str | 
     """A PIL image to every logger that takes images (W&B); CSV keeps numbers only."""
     for lg in loggers:
         if isinstance(lg, WandbLogger):
-            lg.log_image(key=key, images=[image], step=step, caption=[caption] if caption else None)
+            extra = {"caption": [caption]} if caption else {}
+            lg.log_image(key=key, images=[image], step=step, **extra)

@@ -1,0 +1,130 @@
+"""The non-Lightning subcommands: sample, evaluate, compare, demo (argparse; user errors -> one line)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .cli import parser as make_parser
+
+DEMO_PROMPTS = [
+    "a large red circle at the top left",
+    "a large blue square at the bottom right",
+    "a large green triangle at the top right",
+    "a large yellow cross at the bottom left",
+    "purple circle, bottom right, large",
+    "a large cyan square at the top left and a small red triangle at the bottom right",
+]
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _sampling_args(p: argparse.ArgumentParser):
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature > 0 (default 1.0)")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely allowed ids (default: all)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default: off)")
+    p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="sequences per generate() call")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _params(args, images_per_prompt: int = 1):
+    from .sampling import SamplingParams
+
+    return SamplingParams(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy,
+        seed=args.seed, images_per_prompt=images_per_prompt, batch_size=args.batch_size,
+    )  # fmt: skip
+
+
+def sample_main(argv: list[str]) -> int:
+    p = make_parser("sample", "Generate images from text prompts with a trained bundle; writes a labelled PNG grid.")
+    p.add_argument("--bundle", required=True, help="bundle folder (a transformer run's export/)")
+    p.add_argument("--prompt", action="append", required=True, help="a caption; repeat for several")
+    p.add_argument("--num-images", type=_positive_int, default=4, help="images per prompt (default 4)")
+    p.add_argument("--out", default="grid.png", help="PNG grid to write (default grid.png)")
+    p.add_argument("--out-dir", default=None, help="also write each image as a PNG into this folder")
+    _sampling_args(p)
+    args = p.parse_args(argv)
+    from .bundle import Bundle
+    from .data import tensor_to_image
+    from .sampling import make_grid
+
+    params = _params(args, args.num_images)
+    bundle = Bundle.load(args.bundle, device=args.device)
+    prompts = [q.strip() for q in args.prompt]
+    if any(not q for q in prompts):
+        raise ValueError("empty --prompt; give a caption such as 'a red circle at the top left'")
+    start = time.perf_counter()
+    images = bundle.generate(prompts, params)
+    seconds = time.perf_counter() - start
+    labels = [q for q in prompts for _ in range(args.num_images)]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    make_grid(images, labels, ncol=max(args.num_images, 2)).save(args.out)
+    if args.out_dir:
+        out_dir = Path(args.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for i, img in enumerate(images):
+            tensor_to_image(img).save(out_dir / f"{i // args.num_images:03d}_{i % args.num_images:02d}.png")
+    print(f"wrote {len(images)} images ({len(images) / seconds:.1f} images/s) -> {args.out}")
+    return 0
+
+
+def evaluate_main(argv: list[str]) -> int:
+    p = make_parser("evaluate", "Caption fidelity (judged), judge accuracy, tokenizer PSNR/usage on a shapes split.")
+    p.add_argument("--bundle", required=True, help="bundle folder")
+    p.add_argument("--split", choices=["test", "heldout"], default="test")
+    p.add_argument("--num-captions", type=_positive_int, default=200, help="captions to generate for")
+    p.add_argument("--json", default=None, help="write the results here as JSON")
+    p.add_argument("--grid", default=None, help="write a PNG grid of the first 32 generated images")
+    p.add_argument("--judge-dir", default=None, help="judge cache (default: BUNDLE/judge)")
+    _sampling_args(p)
+    args = p.parse_args(argv)
+    from .bundle import Bundle
+    from .evaluate import evaluate_bundle, write_json
+
+    bundle = Bundle.load(args.bundle, device=args.device)
+    result = evaluate_bundle(
+        bundle, args.split, args.judge_dir or Path(args.bundle) / "judge", args.num_captions, _params(args),
+        grid_path=args.grid,
+    )  # fmt: skip
+    if args.json:
+        write_json(result, args.json)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def compare_main(argv: list[str]) -> int:
+    p = make_parser("compare", "Compare fit runs from their CSV logs: markdown table + validation curves PNG.")
+    p.add_argument("runs", nargs="+", help="run folders (runs/<name>)")
+    p.add_argument("--out", required=True, help="output folder for compare.md and curves.png")
+    p.add_argument("--sort-by", default=None, help="metric to sort the table by (ascending)")
+    args = p.parse_args(argv)
+    from .compare import compare
+
+    table, plot = compare(args.runs, args.out, args.sort_by)
+    print(table.read_text())
+    print(f"table -> {table}\nplot  -> {plot}")
+    return 0
+
+
+def demo_main(argv: list[str]) -> int:
+    from .demo import run_demo
+
+    p = make_parser("demo", "Train both stages on the built-in shapes, sample, evaluate and compare, in one go.")
+    p.add_argument("--out", default="demo", help="output folder (default ./demo)")
+    p.add_argument("--wandb", default="auto", choices=["auto", "online", "offline", "disabled"])
+    p.add_argument("--quick", action="store_true", help="a tiny run (a minute) to check the set-up")
+    args = p.parse_args(argv)
+    run_demo(Path(args.out), wandb=args.wandb, quick=args.quick)
+    return 0

@@ -1,0 +1,90 @@
+"""Compare fit runs offline from their CSV logs: a markdown table of final metrics and a PNG of
+validation curves. The same runs share a W&B project/group, so the UI shows the same comparison.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def find_metrics(run_dir: str | Path) -> Path:
+    """The newest metrics.csv under a run folder (Lightning's CSVLogger writes it)."""
+    run_dir = Path(run_dir)
+    if run_dir.is_file() and run_dir.name == "metrics.csv":
+        return run_dir
+    found = sorted(run_dir.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"no metrics.csv under {run_dir}: is it a fit run folder (runs/<name>)?")
+    return found[-1]
+
+
+def read_curves(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """metrics.csv -> {metric: [(step, value), ...]} with empty cells skipped."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            step = int(float(row.get("step") or 0))
+            for key, value in row.items():
+                if key in ("step", "epoch") or value in (None, ""):
+                    continue
+                v = float(value)
+                if math.isfinite(v):
+                    curves.setdefault(key, []).append((step, v))
+    return curves
+
+
+def run_name(run_dir: str | Path) -> str:
+    p = Path(run_dir)
+    return p.parent.parent.name if p.name == "metrics.csv" else p.name
+
+
+def compare(run_dirs: list[str | Path], out_dir: str | Path, sort_by: str | None = None) -> tuple[Path, Path]:
+    """Writes `compare.md` (final value of every val/ metric per run) and `curves.png`."""
+    if not run_dirs:
+        raise ValueError("give at least one run folder")
+    runs = {run_name(d): read_curves(find_metrics(d)) for d in run_dirs}
+    metrics = sorted({k for c in runs.values() for k in c if k.startswith("val/")})
+    if not metrics:
+        raise ValueError("the runs have no val/ metrics yet (did validation run?)")
+    finals = {name: {m: c[m][-1][1] for m in metrics if m in c} for name, c in runs.items()}
+    order = list(finals)
+    if sort_by:
+        if sort_by not in metrics:
+            raise ValueError(f"unknown metric {sort_by!r}; the runs have {metrics}")
+        order.sort(key=lambda n: finals[n].get(sort_by, math.inf))
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["| run | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for name in order:
+        cells = [f"{finals[name][m]:.4g}" if m in finals[name] else "–" for m in metrics]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    table = out_dir / "compare.md"
+    table.write_text("\n".join(lines) + "\n")
+
+    ncol = min(3, len(metrics))
+    nrow = (len(metrics) + ncol - 1) // ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.5 * ncol, 3.2 * nrow), squeeze=False)
+    for ax, m in zip(axes.flat, metrics):
+        for name in order:
+            if m in runs[name]:
+                steps, values = zip(*runs[name][m])
+                ax.plot(steps, values, marker="o", markersize=3, label=name)
+        ax.set_title(m)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(metrics) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    plot = out_dir / "curves.png"
+    fig.savefig(plot, dpi=100)
+    plt.close(fig)
+    return table, plot
