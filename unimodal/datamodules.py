@@ -68,11 +68,19 @@ class ImageDataModule(L.LightningDataModule):
         self.max_val_images = max_val_images
 
     def _images(self, split: str, limit: int | None = None) -> datasets.Dataset:
+        """Decode, convert and resize once (cached by `datasets`), then serve uint8 tensors."""
         ds = load_pairs(self.source, split).select_columns(["image"])
         if limit is not None:
             ds = ds.select(range(min(limit, len(ds))))
         res = self.resolution
-        return ds.with_transform(lambda b: {"pixels": [image_to_tensor(im, res) for im in b["image"]]})
+
+        def to_pixels(batch):
+            pixels = torch.stack([image_to_tensor(im, res) for im in batch["image"]])
+            return {"pixels": pixels.add(1).mul(127.5).round().to(torch.uint8).numpy()}
+
+        features = datasets.Features({"pixels": datasets.Array3D((3, res, res), "uint8")})
+        ds = ds.map(to_pixels, batched=True, remove_columns=["image"], features=features, desc=f"decoding {split}")
+        return ds.with_format("torch")
 
     def setup(self, stage: str | None = None):
         self.train_set = self._images("train")
@@ -80,7 +88,8 @@ class ImageDataModule(L.LightningDataModule):
 
     @staticmethod
     def _collate(rows: list[dict]) -> torch.Tensor:
-        return torch.stack([r["pixels"] for r in rows])
+        """uint8 (B, 3, R, R) -> float in [-1, 1]."""
+        return torch.stack([r["pixels"] for r in rows]).float().div(127.5).sub(1.0)
 
     def train_dataloader(self):
         return _loader(self.train_set, self.batch_size, True, self.num_workers, self._collate)

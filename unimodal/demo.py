@@ -96,7 +96,8 @@ def run_demo(out: Path, wandb: str = "auto", quick: bool = False) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print("\n=== unimodal demo: done ===")
     print(json.dumps(summary, indent=2))
-    print(f"sample again: unimodal sample --bundle {bundle_dir} --prompt 'a large red circle at the top left' --out grid.png")
+    prompt = "a large red circle at the top left"
+    print(f"sample again: unimodal sample --bundle {bundle_dir} --prompt '{prompt}' --out grid.png")
     if wandb != "disabled":
         print(f"W&B runs (offline unless logged in) are in {runs}/*/wandb; upload later with `wandb sync`.")
     return summary

@@ -166,7 +166,7 @@ class TransformerModule(L.LightningModule):
 
     def on_validation_epoch_end(self):
         total = sum(n for _, n in self._val_loss)
-        metrics = {"val/loss": sum(l * n for l, n in self._val_loss) / max(total, 1)}
+        metrics = {"val/loss": sum(loss * n for loss, n in self._val_loss) / max(total, 1)}
         for name, (s, n) in self._val.items():
             metrics[f"val/loss_{name}"] = float(s / max(n, 1))
         dm = self.trainer.datamodule
@@ -222,7 +222,9 @@ class SampleGrid(L.Callback):
         out_dir: str | None = None,
     ):
         self.prompts = prompts or []
-        self.params = SamplingParams(temperature=temperature, top_k=top_k, seed=seed, images_per_prompt=images_per_prompt)
+        self.params = SamplingParams(
+            temperature=temperature, top_k=top_k, seed=seed, images_per_prompt=images_per_prompt
+        )
         self.out_dir = out_dir
 
     def on_validation_epoch_end(self, trainer, pl_module):

@@ -1,7 +1,7 @@
 """Vector quantizers for the image tokenizer, one interface, chosen by name in the config.
 
-    forward(z (B, D, h, w)) -> QuantizerOutput(z_q (B, D, h, w), codes (B, h, w), loss, ...)
-    lookup(codes (B, h, w)) -> z_q (B, D, h, w)
+forward(z (B, D, h, w)) -> QuantizerOutput(z_q (B, D, h, w), codes (B, h, w), loss, ...)
+lookup(codes (B, h, w)) -> z_q (B, D, h, w)
 """
 
 from __future__ import annotations

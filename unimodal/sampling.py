@@ -94,12 +94,22 @@ def generate_images(model, vocab, text_tokenizer, image_tokenizer, prompts: list
     return torch.cat(images)
 
 
-def make_grid(images: torch.Tensor, labels: list[str] | None = None, ncol: int = 8, cell: int = 96) -> Image.Image:
-    """Images (B, 3, H, W) in [-1, 1] -> one PIL grid, each cell upscaled to `cell` px, with a label row."""
+def _wrap(text: str, width: int) -> list[str]:
+    lines = [""]
+    for word in text.split():
+        if lines[-1] and len(lines[-1]) + 1 + len(word) > width:
+            lines.append("")
+        lines[-1] = f"{lines[-1]} {word}".strip()
+    return lines
+
+
+def make_grid(images: torch.Tensor, labels: list[str] | None = None, ncol: int = 8, cell: int = 128) -> Image.Image:
+    """Images (B, 3, H, W) in [-1, 1] -> one PIL grid, each cell upscaled to `cell` px under its wrapped label."""
     n = images.shape[0]
     ncol = max(1, min(ncol, n))
     nrow = (n + ncol - 1) // ncol
-    label_h = 28 if labels else 0
+    wrapped = [_wrap(label, cell // 6) for label in labels] if labels else []
+    label_h = 11 * max((len(w) for w in wrapped), default=0) + (4 if labels else 0)
     grid = Image.new("RGB", (ncol * cell, nrow * (cell + label_h)), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
     font = ImageFont.load_default()
@@ -108,10 +118,5 @@ def make_grid(images: torch.Tensor, labels: list[str] | None = None, ncol: int =
         x, y = c * cell, r * (cell + label_h)
         grid.paste(tensor_to_image(images[i]).resize((cell, cell), Image.NEAREST), (x, y + label_h))
         if labels:
-            words, lines = labels[i].split(), [""]
-            for w in words:  # wrap the label into two lines of ~cell/6 characters
-                if len(lines[-1]) + len(w) + 1 > cell // 6 and lines[-1]:
-                    lines.append("")
-                lines[-1] = (lines[-1] + " " + w).strip()
-            draw.multiline_text((x + 2, y + 1), "\n".join(lines[:2]), fill=(0, 0, 0), font=font, spacing=1)
+            draw.multiline_text((x + 2, y + 1), "\n".join(wrapped[i]), fill=(0, 0, 0), font=font, spacing=1)
     return grid

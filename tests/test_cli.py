@@ -1,0 +1,50 @@
+"""The user-facing commands: sample, compare, errors as one clear line."""
+
+import subprocess
+import sys
+
+from PIL import Image
+
+from unimodal.cli import main
+from unimodal.compare import compare
+
+
+def test_sample_writes_grid_and_individual_images(trained, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    code = main([
+        "sample", "--bundle", str(trained["bundle"]), "--prompt", "a red circle at the top left",
+        "--prompt", "a blue square at the bottom right", "--num-images", "3", "--seed", "1",
+        "--temperature", "0.9", "--top-k", "20", "--out", str(out), "--out-dir", str(tmp_path / "each"),
+    ])  # fmt: skip
+    assert code == 0
+    grid = Image.open(out)
+    assert grid.size[0] >= 3 * 128
+    assert len(list((tmp_path / "each").glob("*.png"))) == 6
+
+
+def test_bad_input_gives_one_line_errors(trained, tmp_path, capsys):
+    cases = [
+        (["sample", "--bundle", str(tmp_path / "nope"), "--prompt", "x"], "not a unimodal bundle"),
+        (["sample", "--bundle", str(trained["bundle"]), "--prompt", "x", "--temperature", "0"], "temperature"),
+        (["sample", "--bundle", str(trained["bundle"]), "--prompt", "x", "--top-k", "-1"], "top_k"),
+        (["sample", "--bundle", str(trained["bundle"]), "--prompt", "x", "--top-p", "1.5"], "top_p"),
+        (["sample", "--bundle", str(trained["bundle"]), "--prompt", "  "], "empty --prompt"),
+        (["compare", str(tmp_path), "--out", str(tmp_path / "c")], "no metrics.csv"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
+
+def test_compare_two_runs_writes_table_and_plot(trained, tmp_path):
+    table, plot = compare([trained["root"] / "tok", trained["root"] / "lm"], tmp_path / "cmp", sort_by="val/loss")
+    text = table.read_text()
+    assert "| tok |" in text and "| lm |" in text and "val/psnr" in text and "val/loss_image" in text
+    assert Image.open(plot).size[0] > 300
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "unimodal", "--help"], capture_output=True, text=True, check=True)
+    for command in ("tokenizer", "transformer", "sample", "evaluate", "compare", "demo"):
+        assert command in out.stdout

@@ -1,0 +1,61 @@
+"""Tiny fit runs of both stages through the real LightningCLI programs."""
+
+import csv
+
+import pytest
+
+from unimodal.compare import read_curves
+from unimodal.fit import TransformerCLI
+
+from .conftest import EXPERIMENTS
+
+
+def _first_last(run_dir, key):
+    curve = read_curves(run_dir / "csv" / "metrics.csv")[key]
+    return curve[0][1], curve[-1][1]
+
+
+def test_tokenizer_fit_lowers_its_loss_and_logs_metrics(trained):
+    run = trained["root"] / "tok"
+    first, last = _first_last(run, "train/loss")
+    assert last < first * 0.7
+    curves = read_curves(run / "csv" / "metrics.csv")
+    for key in ("val/psnr", "val/codebook_usage", "val/perplexity"):
+        assert key in curves
+    assert 0 < curves["val/codebook_usage"][-1][1] <= 1
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert sorted(p.name for p in trained["tokenizer"].iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_transformer_fit_lowers_its_loss_and_logs_segments(trained):
+    run = trained["root"] / "lm"
+    first, last = _first_last(run, "train/loss")
+    assert last < first * 0.8
+    curves = read_curves(run / "csv" / "metrics.csv")
+    for key in ("val/loss", "val/loss_text", "val/loss_image", "val/loss_image_unigram"):
+        assert key in curves, key
+    assert list((run / "samples").glob("samples_step*.png")), "no sample grid written at validation"
+    assert (trained["bundle"] / "bundle.json").is_file()
+
+
+def test_print_config_parses_the_experiment(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        TransformerCLI(args=["fit", "--config", str(EXPERIMENTS / "transformer.yaml"), "--print_config"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "grammar_loss_mask: true" in out and "d_model: 192" in out
+
+
+def test_unknown_config_key_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  model:\n    n_layerz: 3\n")
+    with pytest.raises(SystemExit) as exit_:
+        TransformerCLI(args=["fit", "--config", str(EXPERIMENTS / "transformer.yaml"), "--config", str(bad)])
+    assert exit_.value.code != 0
+    assert "n_layerz" in capsys.readouterr().err
+
+
+def test_metrics_csv_has_a_header_with_val_keys(trained):
+    with open(trained["root"] / "lm" / "csv" / "metrics.csv") as f:
+        header = next(csv.reader(f))
+    assert "train/loss" in header and "val/loss_image" in header

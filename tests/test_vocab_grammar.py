@@ -1,0 +1,97 @@
+import pytest
+import torch
+from transformers import LogitsProcessorList
+
+from unimodal.grammar import DONE, END, IMAGE, IMAGE_FULL, TEXT, TEXT_FULL, GrammarLogitsProcessor, SegmentGrammar
+from unimodal.model import TransformerConfig, build_transformer, sequence_loss
+from unimodal.vocab import JointVocab
+
+VOCAB = JointVocab(text_size=50, image_size=20, image_grid=(2, 3), max_text_tokens=5)
+
+
+def test_vocab_layout_and_round_trip():
+    v = VOCAB
+    specials = [v.bos, v.boi, v.eoi, v.eos, v.pad]
+    assert len(set(specials)) == 5 and min(specials) == v.special_offset and max(specials) == v.size - 1
+    codes = torch.randint(0, 20, (4, 2, 3))
+    ids = v.codes_to_ids(codes)
+    assert ids.shape == (4, 6) and v.is_image(ids).all() and not v.is_text(ids).any()
+    assert torch.equal(v.ids_to_codes(ids), codes)
+    seq = v.text_to_image_sequence([3, 4, 5], codes[0])
+    assert seq[0] == v.bos and seq[4] == v.boi and seq[-2:] == [v.eoi, v.eos]
+    text, flat = v.split_sequence(seq)
+    assert text == [3, 4, 5] and flat == codes[0].flatten().tolist()
+    assert JointVocab.from_dict(v.to_dict()) == v
+    with pytest.raises(ValueError, match="outside the image range"):
+        v.ids_to_codes(torch.tensor([[1, 2, 3, 4, 5, 6]]))
+    long = v.text_to_image_sequence(list(range(9)), codes[0])  # text over budget is truncated
+    assert long[1 : 1 + v.max_text_tokens + 1] == [0, 1, 2, 3, 4, v.boi]
+
+
+def test_grammar_states_along_a_sequence():
+    v, g = VOCAB, SegmentGrammar(VOCAB)
+    seq = v.text_to_image_sequence([1, 2], torch.arange(6).view(2, 3))
+    states = g.states(torch.tensor([seq]))[0].tolist()
+    assert states == [TEXT, TEXT, TEXT, IMAGE, *[IMAGE] * 5, IMAGE_FULL, END, DONE]
+    full_text = [v.bos, 1, 2, 3, 4, 5]
+    assert g.states(torch.tensor([full_text]))[0, -1] == TEXT_FULL
+    assert g.is_valid(seq)
+    assert not g.is_valid(seq[:3] + [v.eoi] + seq[4:])  # <eoi> where <boi> must come
+    assert not g.is_valid(seq[:5] + [7] + seq[6:])  # a text id inside the image
+
+
+def test_allowed_sets_are_exactly_the_grammar():
+    v, g = VOCAB, SegmentGrammar(VOCAB)
+    text_ids, image_ids = set(range(v.text_size)), set(range(v.image_offset, v.special_offset))
+
+    def allowed(prefix):
+        return set(torch.nonzero(g.allowed_next(torch.tensor([prefix]))[0]).flatten().tolist())
+
+    assert allowed([v.bos]) == text_ids | {v.boi}
+    assert allowed([v.bos, 1, 2, 3, 4, 5]) == {v.boi}
+    assert allowed([v.bos, 1, v.boi]) == image_ids
+    assert allowed([v.bos, v.boi, *[v.image_offset] * 6]) == {v.eoi}
+    assert allowed([v.bos, v.boi, *[v.image_offset] * 6, v.eoi]) == {v.eos}
+    assert allowed([v.pad, v.pad, v.bos, 3]) == text_ids | {v.boi}  # left padding is ignored
+
+
+@pytest.mark.parametrize("top_k", [None, 1, 3])
+def test_untrained_model_never_samples_a_forbidden_id(top_k):
+    """An untrained model puts mass everywhere; the processor alone must keep every sequence legal."""
+    torch.manual_seed(0)
+    v, g = VOCAB, SegmentGrammar(VOCAB)
+    model = build_transformer(TransformerConfig(n_layers=1, d_model=32, n_heads=2, ffn_hidden=64), v).eval()
+    prompts = torch.tensor([[v.bos, 1, 2, v.boi]] * 64)
+    out = model.generate(
+        input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=v.image_tokens + 2,
+        do_sample=True, top_k=top_k, logits_processor=LogitsProcessorList([GrammarLogitsProcessor(g)]),
+        pad_token_id=v.pad, eos_token_id=v.eos,
+    )  # fmt: skip
+    for row in out.tolist():
+        assert g.is_valid(row), row
+        assert len(v.split_sequence(row)[1]) == v.image_tokens
+    # also from <bos> alone: free text of any length, then a full image
+    free = model.generate(
+        input_ids=torch.tensor([[v.bos]] * 64), max_new_tokens=v.max_sequence_length, do_sample=True,
+        logits_processor=LogitsProcessorList([GrammarLogitsProcessor(g)]), pad_token_id=v.pad, eos_token_id=v.eos,
+    )  # fmt: skip
+    for row in free.tolist():
+        row = row[: row.index(v.eos) + 1] if v.eos in row else row
+        assert g.is_valid(row), row
+
+
+def test_segment_weights_and_grammar_masked_loss():
+    v, g = VOCAB, SegmentGrammar(VOCAB)
+    torch.manual_seed(0)
+    seqs = torch.tensor([v.text_to_image_sequence([1, 2, 3], torch.randint(0, 20, (2, 3))) for _ in range(4)])
+    mask = torch.ones_like(seqs)
+    logits = torch.randn(*seqs.shape, v.size)
+    plain, parts = sequence_loss(logits, seqs, mask, g, {"text": 1, "image": 1}, mask_by_grammar=False)
+    masked, _ = sequence_loss(logits, seqs, mask, g, {"text": 1, "image": 1}, mask_by_grammar=True)
+    assert torch.isfinite(masked) and masked < plain  # renormalising over allowed ids only lowers CE
+    assert parts["image"][1] == 4 * v.image_tokens and parts["text"][1] == 4 * (len(seqs[0]) - 1 - v.image_tokens)
+    image_only, _ = sequence_loss(logits, seqs, mask, g, {"text": 0, "image": 1}, mask_by_grammar=False)
+    assert torch.isclose(image_only, parts["image"][0] / parts["image"][1])
+    mask[:, -2:] = 0  # padded targets (here <eoi> <eos>) do not count
+    _, parts_pad = sequence_loss(logits, seqs, mask, g, {"text": 1, "image": 1}, mask_by_grammar=True)
+    assert parts_pad["text"][1] == parts["text"][1] - 4 * 2
