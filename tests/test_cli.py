@@ -48,3 +48,29 @@ def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "unimodal", "--help"], capture_output=True, text=True, check=True)
     for command in ("tokenizer", "transformer", "sample", "evaluate", "compare", "demo"):
         assert command in out.stdout
+
+
+def test_evaluate_reports_fidelity_judge_and_tokenizer(bundle, tmp_path):
+    from unimodal.evaluate import evaluate_bundle
+    from unimodal.judge import JudgeConfig
+
+    result = evaluate_bundle(
+        bundle, "heldout", tmp_path / "judge", num_captions=16, judge_config=JudgeConfig(train_images=512, epochs=2)
+    )
+    for key in ("caption_fidelity", "judge_accuracy_real", "tokenizer_psnr", "tokenizer_codebook_usage"):
+        assert key in result
+    assert 0 <= result["caption_fidelity"] <= 1 and 0 < result["tokenizer_codebook_usage"] <= 1
+    assert result["num_captions"] == 16 and (tmp_path / "judge" / "model.safetensors").is_file()
+
+
+def test_quick_demo_runs_every_step_with_offline_wandb(tmp_path, monkeypatch):
+    from unimodal.demo import run_demo
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    summary = run_demo(tmp_path / "demo", wandb="offline", quick=True)
+    out = tmp_path / "demo"
+    assert Image.open(out / "samples.png").size[0] > 0
+    assert (out / "eval_test.json").is_file() and (out / "compare" / "compare.md").is_file()
+    assert list((out / "runs" / "shapes-transformer" / "wandb").glob("offline-run-*"))
+    assert set(summary["caption_fidelity"]) == {"test", "heldout"}

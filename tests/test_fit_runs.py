@@ -59,3 +59,17 @@ def test_metrics_csv_has_a_header_with_val_keys(trained):
     with open(trained["root"] / "lm" / "csv" / "metrics.csv") as f:
         header = next(csv.reader(f))
     assert "train/loss" in header and "val/loss_image" in header
+
+
+def test_resume_from_last_checkpoint_continues_the_step_count(trained, hf_cache):
+    """`--ckpt_path` restores the run: a resumed fit picks up at the checkpoint's step."""
+    import torch
+
+    from .conftest import fit_tokenizer
+
+    root = trained["root"]
+    fit_tokenizer(root, hf_cache, steps=10, name="resume")
+    last = root / "resume" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True, map_location="cpu")["global_step"] == 10
+    fit_tokenizer(root, hf_cache, steps=20, name="resume", extra=["--ckpt_path", str(last)])
+    assert torch.load(last, weights_only=True, map_location="cpu")["global_step"] == 20

@@ -35,6 +35,7 @@ def run_demo(out: Path, wandb: str = "auto", quick: bool = False) -> dict:
     from .compare import compare
     from .evaluate import evaluate_bundle, write_json
     from .fit import TokenizerCLI, TransformerCLI
+    from .judge import JudgeConfig
     from .sampling import SamplingParams, make_grid
 
     for name in ("tokenizer.yaml", "transformer.yaml"):
@@ -73,10 +74,11 @@ def run_demo(out: Path, wandb: str = "auto", quick: bool = False) -> dict:
     start = time.perf_counter()
     results = {}
     n = 32 if quick else 200
+    judge = JudgeConfig(train_images=1024, epochs=2) if quick else None
     for split in ("test", "heldout"):
         results[split] = evaluate_bundle(
             bundle, split, bundle_dir / "judge", num_captions=n, params=SamplingParams(seed=0),
-            grid_path=out / f"eval_{split}.png",
+            grid_path=out / f"eval_{split}.png", judge_config=judge,
         )  # fmt: skip
         write_json(results[split], out / f"eval_{split}.json")
     timings["evaluate_s"] = time.perf_counter() - start

@@ -36,6 +36,7 @@ def evaluate_bundle(
     params: SamplingParams | None = None,
     shapes: ShapesConfig | None = None,
     grid_path: str | Path | None = None,
+    judge_config: JudgeConfig | None = None,
 ) -> dict:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -50,7 +51,8 @@ def evaluate_bundle(
     labels = scene_labels(rows)
     real = images_to_tensor([r["image"] for r in rows], resolution)
 
-    judge = load_or_train_judge(judge_dir, JudgeConfig(resolution=resolution, background=shapes.background))
+    judge_config = judge_config or JudgeConfig(resolution=resolution, background=shapes.background)
+    judge = load_or_train_judge(judge_dir, judge_config)
     judge_real = _rates(scene_match(judge.read(real), labels))
 
     tok = bundle.image_tokenizer
