@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .data import DataSource, image_to_tensor, load_pairs
+from .data_order import ResumableData
 from .image_tokenizer import WEIGHTS_FILE, ImageTokenizer, load_config
 from .text_tokenizer import TOKENIZER_FILE, TextTokenizer
 from .vocab import JointVocab
@@ -26,19 +27,13 @@ from .vocab import JointVocab
 log = logging.getLogger(__name__)
 
 
-def _loader(ds, batch_size: int, shuffle: bool, num_workers: int, collate_fn=None) -> DataLoader:
+def _val_loader(ds, batch_size: int, num_workers: int, collate_fn) -> DataLoader:
     return DataLoader(
-        ds,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        num_workers=num_workers,
-        collate_fn=collate_fn,
-        persistent_workers=num_workers > 0,
-        drop_last=shuffle,
+        ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn, persistent_workers=num_workers > 0
     )
 
 
-class ImageDataModule(L.LightningDataModule):
+class ImageDataModule(ResumableData, L.LightningDataModule):
     """Images only, for the image tokenizer.
 
     Args:
@@ -48,6 +43,7 @@ class ImageDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes (0 = in the main process).
         val_split: split used for validation metrics (over the whole split).
         max_val_images: cap on validation images (None = all).
+        seed: seed of the training order (one permutation per epoch; exact on resume and across processes).
     """
 
     def __init__(
@@ -58,8 +54,10 @@ class ImageDataModule(L.LightningDataModule):
         num_workers: int = 0,
         val_split: str = "test",
         max_val_images: int | None = None,
+        seed: int = 0,
     ):
         super().__init__()
+        self.seed = seed
         self.source = source
         self.resolution = resolution
         self.batch_size = batch_size
@@ -92,17 +90,17 @@ class ImageDataModule(L.LightningDataModule):
         return torch.stack([r["pixels"] for r in rows]).float().div(127.5).sub(1.0)
 
     def train_dataloader(self):
-        return _loader(self.train_set, self.batch_size, True, self.num_workers, self._collate)
+        return self.resumable_loader(self.train_set, self.batch_size, self.num_workers, self._collate)
 
     def val_dataloader(self):
-        return _loader(self.val_set, self.batch_size, False, self.num_workers, self._collate)
+        return _val_loader(self.val_set, self.batch_size, self.num_workers, self._collate)
 
 
 def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-class SequenceDataModule(L.LightningDataModule):
+class SequenceDataModule(ResumableData, L.LightningDataModule):
     """Pre-tokenized joint sequences for the transformer.
 
     Args:
@@ -116,6 +114,7 @@ class SequenceDataModule(L.LightningDataModule):
         val_split: split for validation losses.
         max_val_samples: cap on validation sequences (None = all).
         encode_batch_size: images per image-tokenizer call while pre-tokenizing.
+        seed: seed of the training order (one permutation per epoch; exact on resume and across processes).
     """
 
     def __init__(
@@ -130,8 +129,10 @@ class SequenceDataModule(L.LightningDataModule):
         val_split: str = "test",
         max_val_samples: int | None = None,
         encode_batch_size: int = 256,
+        seed: int = 0,
     ):
         super().__init__()
+        self.seed = seed
         self.source = source
         self.image_tokenizer_dir = Path(image_tokenizer)
         self.text_tokenizer_dir = Path(text_tokenizer)
@@ -214,10 +215,10 @@ class SequenceDataModule(L.LightningDataModule):
         return {"input_ids": ids, "attention_mask": mask}
 
     def train_dataloader(self):
-        return _loader(self.train_set, self.batch_size, True, self.num_workers, self._collate)
+        return self.resumable_loader(self.train_set, self.batch_size, self.num_workers, self._collate)
 
     def val_dataloader(self):
-        return _loader(self.val_set, self.batch_size, False, self.num_workers, self._collate)
+        return _val_loader(self.val_set, self.batch_size, self.num_workers, self._collate)
 
     def image_unigram_loss(self) -> float:
         """Cross-entropy (nats) of the val image codes under the train codes' unigram distribution:

@@ -11,6 +11,7 @@ drawn after every validation). The joint vocabulary is linked from the data modu
 from __future__ import annotations
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from .datamodules import ImageDataModule, SequenceDataModule
@@ -38,7 +39,8 @@ class _FitCLI(LightningCLI):
             run=run,
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
-            trainer_defaults={"log_every_n_steps": 10, "num_sanity_val_steps": 0},
+            # our EpochSampler shards global batches itself (exact resume, DDP == 1 process)
+            trainer_defaults={"log_every_n_steps": 10, "num_sanity_val_steps": 0, "use_distributed_sampler": False},
             parser_kwargs={"parser_mode": "yaml"},
             auto_configure_optimizers=False,
         )
@@ -46,6 +48,8 @@ class _FitCLI(LightningCLI):
     def add_arguments_to_parser(self, parser):
         parser.add_class_arguments(RunConfig, "run")
         parser.add_lightning_class_args(Export, "export")
+        if "weights_only" in {a.dest for a in parser._actions}:
+            parser.set_defaults(weights_only=True)  # resuming never unpickles arbitrary objects
 
     def _run_config(self) -> RunConfig:
         return self._get(self.config_init, "run")
@@ -58,12 +62,12 @@ class _FitCLI(LightningCLI):
         config = _primitive(config.as_dict())
         kwargs.setdefault("logger", build_loggers(run, config))
         kwargs.setdefault("default_root_dir", str(run.dir))
-        trainer = super().instantiate_trainer(**kwargs)
-        for checkpoint in trainer.checkpoint_callbacks:  # Lightning's default one unless configured
-            if checkpoint.dirpath is None:
-                checkpoint.dirpath = str(run.dir / "checkpoints")
-                checkpoint.save_last = True
-        return trainer
+        callbacks = list(self._get(self.config_init, "trainer.callbacks") or [])
+        if not any(isinstance(c, ModelCheckpoint) for c in callbacks):  # unless the config brings its own
+            every = run.checkpoint_every_n_steps
+            callbacks.append(ModelCheckpoint(dirpath=run.dir / "checkpoints", save_last=True, every_n_train_steps=every))
+        kwargs["callbacks"] = callbacks
+        return super().instantiate_trainer(**kwargs)
 
 
 class TokenizerCLI(_FitCLI):

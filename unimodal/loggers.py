@@ -24,10 +24,13 @@ class RunConfig:
     group: str | None = None
     tags: list[str] = field(default_factory=list)
     wandb: str = "auto"  # auto (online if logged in, else offline) | online | offline | disabled
+    checkpoint_every_n_steps: int | None = None  # also checkpoint (last.ckpt) every N optimizer steps
 
     def __post_init__(self):
         if self.wandb not in ("auto", "online", "offline", "disabled"):
             raise ValueError(f"run.wandb must be auto, online, offline or disabled; got {self.wandb!r}")
+        if self.checkpoint_every_n_steps is not None and self.checkpoint_every_n_steps <= 0:
+            raise ValueError(f"run.checkpoint_every_n_steps must be a positive integer or null, got {self.checkpoint_every_n_steps}")
 
     @property
     def dir(self) -> Path:

@@ -1,0 +1,97 @@
+"""Training data order that is exact across resumes and the same on 1 or N processes.
+
+`EpochSampler` draws one permutation per (seed, epoch), cuts it into *global* batches of
+`batch_size * world_size` samples and gives each rank its slice of every global batch. So:
+
+- a run on 2 processes with batch 32 sees exactly the global batches a 1-process run with batch
+  64 sees (DDP averages the gradients: same update, up to float rounding);
+- a resumed run skips the batches its checkpoint had consumed and continues with the same order.
+
+`ResumableData` is the DataModule side: Lightning saves `state_dict()` in every checkpoint and
+calls `load_state_dict()` before `train_dataloader()` when resuming.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+
+class EpochSampler(Sampler[int]):
+    def __init__(self, n: int, batch_size: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+        if n < batch_size * world_size:
+            raise ValueError(
+                f"the training split has {n} samples, fewer than one global batch ({batch_size} x {world_size} "
+                "processes); lower data.batch_size or use more data"
+            )
+        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self.skip = 0  # local batches of `epoch` already consumed (set when resuming)
+        self._skip_epoch = 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.n // (self.batch_size * self.world_size)  # the ragged tail is dropped
+
+    def set_epoch(self, epoch: int):
+        """Lightning calls this at the start of every epoch."""
+        self.epoch = epoch
+
+    def resume(self, epoch: int, batches_done: int):
+        self.epoch, self._skip_epoch, self.skip = epoch, epoch, batches_done
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        else:
+            order = torch.arange(self.n)
+        start = self.skip if self.epoch == self._skip_epoch else 0
+        g = self.batch_size * self.world_size
+        for b in range(start, self.batches_per_epoch):
+            chunk = order[b * g : (b + 1) * g]
+            yield from chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
+        self.skip = 0  # only the first epoch after a resume is shortened
+
+    def __len__(self) -> int:
+        # The full epoch, also when resuming mid-epoch: Lightning's epoch length stays the same.
+        return self.batches_per_epoch * self.batch_size
+
+
+class ResumableData:
+    """Mixin for LightningDataModules: exact, distributed-aware training order and its checkpoint state."""
+
+    seed: int = 0
+    _resume: tuple[int, int] | None = None
+
+    def resumable_loader(self, dataset, batch_size: int, num_workers: int, collate_fn) -> DataLoader:
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = EpochSampler(len(dataset), batch_size, self.seed, True, rank, world)
+        if self._resume is not None:
+            sampler.resume(*self._resume)
+            self._resume = None
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=num_workers,
+            collate_fn=collate_fn,
+            persistent_workers=num_workers > 0,
+            drop_last=True,
+        )
+
+    def state_dict(self) -> dict:
+        """Where training is in the data: epoch and batches already used in it (primitives only)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        # `processed` counts the batch whose on_train_batch_end is saving this checkpoint
+        return {"epoch": trainer.current_epoch, "batches_done": progress.processed, "seed": self.seed}
+
+    def load_state_dict(self, state: dict):
+        if state:
+            if state.get("seed", self.seed) != self.seed:
+                raise ValueError(f"checkpoint was trained with data seed {state['seed']}, this run has {self.seed}")
+            self._resume = (state["epoch"], state["batches_done"])
