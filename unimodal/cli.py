@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 USAGE = """usage: unimodal COMMAND ...
@@ -25,15 +26,17 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    if command == "tokenizer":
-        from .fit import TokenizerCLI
+    if command in ("tokenizer", "transformer"):
+        from . import fit
 
-        TokenizerCLI(args=rest)
-        return 0
-    if command == "transformer":
-        from .fit import TransformerCLI
-
-        TransformerCLI(args=rest)
+        program = fit.TokenizerCLI if command == "tokenizer" else fit.TransformerCLI
+        try:
+            program(args=rest)
+        except (fit.NonFiniteLossError, ValueError, FileNotFoundError) as err:
+            if os.environ.get("UNIMODAL_DEBUG"):
+                raise
+            print(f"unimodal {command}: error: {err}", file=sys.stderr)
+            return 1
         return 0
     commands = {"sample": "sample_main", "evaluate": "evaluate_main", "compare": "compare_main", "demo": "demo_main"}
     if command not in commands:
@@ -43,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return getattr(cmds, commands[command])(rest) or 0
-    except (ValueError, FileNotFoundError) as err:  # user errors: one clear line, no traceback
+    except (ValueError, FileNotFoundError) as err:  # user errors: one clear line (UNIMODAL_DEBUG=1: traceback)
+        if os.environ.get("UNIMODAL_DEBUG"):
+            raise
         print(f"unimodal {command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -10,7 +10,10 @@ drawn after every validation). The joint vocabulary is linked from the data modu
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
@@ -28,6 +31,23 @@ def _primitive(value):
     if value is None or isinstance(value, bool | int | float | str):
         return value
     return str(value)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; raised before backward, so no bad update or checkpoint is written."""
+
+
+class FiniteLossGuard(L.Callback):
+    """Stops a run at the first non-finite loss, before it can touch the weights or the checkpoints."""
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        if not bool(torch.isfinite(loss)):
+            last = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+            kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
+            raise NonFiniteLossError(
+                f"loss became {float(loss)} at step {trainer.global_step}; {kept}. Lower model.lr, set "
+                "trainer.gradient_clip_val, or use trainer.precision 32-true, then resume with --ckpt_path."
+            )
 
 
 class _FitCLI(LightningCLI):
@@ -66,6 +86,7 @@ class _FitCLI(LightningCLI):
         if not any(isinstance(c, ModelCheckpoint) for c in callbacks):  # unless the config brings its own
             every = run.checkpoint_every_n_steps
             callbacks.append(ModelCheckpoint(dirpath=run.dir / "checkpoints", save_last=True, every_n_train_steps=every))
+        callbacks.append(FiniteLossGuard())
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 

@@ -1,0 +1,105 @@
+"""Exact resume after SIGKILL, the distributed/resumable data order, the NaN guard, safe loading."""
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from unimodal.compare import read_curves
+from unimodal.data_order import EpochSampler
+from unimodal.fit import FiniteLossGuard, NonFiniteLossError
+
+from .conftest import EXPERIMENTS, TINY_DATA
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _tokenizer_fit(root: Path, cache: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
+    """Stage-1 fit in a fresh process, as a user runs it (log every step, checkpoint every 3)."""
+    args = [
+        sys.executable, "-m", "unimodal", "tokenizer", "fit", "--config", str(EXPERIMENTS / "tokenizer.yaml"),
+        "--run.root", str(root), "--run.name", name, "--run.wandb", "disabled", "--run.checkpoint_every_n_steps", "3",
+        "--data.source.cache_dir", str(cache), *TINY_DATA, "--model.model.codebook_size", "64",
+        "--trainer.max_steps", "14", "--trainer.limit_val_batches", "0", "--trainer.log_every_n_steps", "1",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, hf_cache):
+    # 256 images / batch 64 = 4 steps per epoch; the kill at step 7 is mid-epoch, last checkpoint at step 6
+    whole = _tokenizer_fit(tmp_path, hf_cache, "whole")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    kill = '--trainer.callbacks+={"class_path": "tests.kill_callback.KillAt", "init_args": {"step": 7}}'
+    killed = _tokenizer_fit(tmp_path, hf_cache, "killed", kill)
+    assert killed.returncode == -9, "the run was meant to die by SIGKILL"
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 6
+    resumed = _tokenizer_fit(tmp_path, hf_cache, "killed", "--ckpt_path", str(last))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    a = dict(read_curves(tmp_path / "whole" / "csv" / "metrics.csv")["train/loss"])
+    b = dict(read_curves(tmp_path / "killed" / "csv" / "metrics.csv")["train/loss"])
+    steps = [s for s in sorted(b) if s >= 6]
+    assert len(steps) >= 7
+    for s in steps:
+        assert a[s] == pytest.approx(b[s], rel=1e-5, abs=1e-7), f"step {s}: uninterrupted {a[s]} vs resumed {b[s]}"
+
+
+def test_epoch_sampler_shards_global_batches_and_resumes():
+    n, bs = 103, 8
+    single = list(EpochSampler(n, bs * 2, seed=1))
+    ranks = [list(EpochSampler(n, bs, seed=1, rank=r, world_size=2)) for r in (0, 1)]
+    # each global batch of the 1-process run is rank 0's slice followed by rank 1's
+    for b in range(len(single) // (2 * bs)):
+        global_batch = single[b * 2 * bs : (b + 1) * 2 * bs]
+        assert global_batch == ranks[0][b * bs : (b + 1) * bs] + ranks[1][b * bs : (b + 1) * bs]
+    seen = ranks[0] + ranks[1]
+    assert len(seen) == len(set(seen)) == (n // (2 * bs)) * 2 * bs  # nothing twice, only the ragged tail dropped
+    s = EpochSampler(n, bs, seed=1)
+    s.set_epoch(3)
+    full = list(s)
+    s.resume(epoch=3, batches_done=5)
+    assert list(s) == full[5 * bs :]
+    assert list(s) == full  # the skip applies once
+    s.set_epoch(4)
+    assert list(s) != full
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        EpochSampler(10, 8, world_size=2)
+
+
+def test_nonfinite_loss_stops_before_backward(tmp_path):
+    class Trainer:
+        default_root_dir = str(tmp_path)
+        global_step = 41
+
+    with pytest.raises(NonFiniteLossError, match="loss became nan at step 41; no checkpoint was written yet"):
+        FiniteLossGuard().on_before_backward(Trainer(), None, torch.tensor(float("nan")))
+    FiniteLossGuard().on_before_backward(Trainer(), None, torch.tensor(1.0))  # finite: no error
+
+
+def test_diverging_run_fails_with_one_line_and_keeps_checkpoints(tmp_path, hf_cache):
+    run = _tokenizer_fit(tmp_path, hf_cache, "diverge", "--model.lr", "1e30", "--model.warmup_steps", "0")
+    assert run.returncode == 1
+    assert "unimodal tokenizer: error: loss became" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "diverge" / "export").exists()
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_resuming_from_a_pickled_payload_is_refused(tmp_path, hf_cache):
+    bad = tmp_path / "evil.ckpt"
+    with open(bad, "wb") as f:
+        pickle.dump({"state_dict": {}, "x": _Payload()}, f)
+    run = _tokenizer_fit(tmp_path, hf_cache, "evil", "--ckpt_path", str(bad))
+    assert run.returncode != 0
+    assert not (REPO / "PWNED").exists() and not (tmp_path / "PWNED").exists()
+    assert "weights_only" in run.stderr or "Unpickl" in run.stderr
