@@ -71,3 +71,40 @@ def test_saved_dataset_with_other_column_names(tmp_path):
         load_pairs(DataSource(name=str(tmp_path / "saved"), image_column="picture", text_column="words"), "train")
     with pytest.raises(ValueError, match="no split 'test'"):
         load_pairs(DataSource(name=str(tmp_path / "saved"), image_column="picture", text_column="caption"), "test")
+
+
+def _write_folder(folder, good: int, corrupt: int):
+    """An imagefolder with `good` valid images of assorted modes and `corrupt` broken files."""
+    folder.mkdir()
+    rows = []
+    modes = ["RGB", "L", "RGBA", "P", "I;16"]
+    for i in range(good):
+        Image.new(modes[i % len(modes)], (20 + i, 40)).save(folder / f"ok{i}.png")
+        rows.append({"file_name": f"ok{i}.png", "text": f"image {i} 🐱 日本" if i else ""})
+    for i in range(corrupt):
+        (folder / f"bad{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 3)
+        rows.append({"file_name": f"bad{i}.png", "text": "broken"})
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+
+
+def test_bad_rows_are_skipped_with_a_count(tmp_path, caplog):
+    from unimodal.datamodules import ImageDataModule
+
+    _write_folder(tmp_path / "mixed", good=7, corrupt=2)
+    dm = ImageDataModule(source=DataSource(name=str(tmp_path / "mixed")), batch_size=2, val_split="train")
+    with caplog.at_level("WARNING"):
+        dm.setup("fit")
+    assert len(dm.train_set) == 7
+    assert "skipped 2 of 9 rows with unreadable images" in caplog.text
+    batch = next(iter(dm.val_dataloader()))
+    assert batch.shape == (2, 3, 32, 32) and batch.dtype == torch.float32
+
+
+def test_open_image_names_the_bad_file(tmp_path):
+    from unimodal.data import BadImageError, open_image
+
+    bad = tmp_path / "truncated.png"
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(bad)
+    bad.write_bytes(bad.read_bytes()[:60])
+    with pytest.raises(BadImageError, match="truncated.png"):
+        open_image(str(bad))

@@ -102,4 +102,79 @@ def test_resuming_from_a_pickled_payload_is_refused(tmp_path, hf_cache):
     run = _tokenizer_fit(tmp_path, hf_cache, "evil", "--ckpt_path", str(bad))
     assert run.returncode != 0
     assert not (REPO / "PWNED").exists() and not (tmp_path / "PWNED").exists()
-    assert "weights_only" in run.stderr or "Unpickl" in run.stderr
+    assert "unimodal tokenizer: error: refused to load a checkpoint that is not weights-only" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_stage2_data_skips_bad_rows_and_handles_odd_captions(trained, tmp_path, caplog):
+    import json
+
+    from PIL import Image
+
+    from unimodal.data import DataSource
+    from unimodal.datamodules import SequenceDataModule
+
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    captions = ["", "a red circle " * 30, "猫 🐱 émoji", "plain caption"]
+    rows = []
+    for i, text in enumerate(captions):
+        Image.new("LA", (48, 17)).save(folder / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "caption": text})
+    (folder / "broken.png").write_bytes(b"not an image at all")
+    rows.append({"file_name": "broken.png", "caption": "x"})
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    dm = SequenceDataModule(
+        image_tokenizer=str(trained["tokenizer"]), text_tokenizer=str(tmp_path / "bpe"),
+        source=DataSource(name=str(folder), text_column="caption"), batch_size=2, val_split="train",
+        max_text_tokens=16,
+    )  # fmt: skip
+    with caplog.at_level("WARNING"):
+        dm.setup("fit")
+    text = caplog.text
+    assert "skipped 1 of 5 rows" in text and "exceed max_text_tokens=16" in text and "1 of 5 captions are empty" in text
+    from unimodal.grammar import SegmentGrammar
+
+    g = SegmentGrammar(dm.vocab)
+    assert len(dm.train_set) == 4 and all(g.is_valid(r["input_ids"]) for r in dm.train_set)
+
+
+def test_bundle_with_mismatched_vocab_is_refused(bundle, tmp_path):
+    import json
+
+    from unimodal.bundle import Bundle
+
+    bundle.save(tmp_path / "b")
+    vocab = json.loads((tmp_path / "b" / "vocab.json").read_text())
+    vocab["image_size"] += 1
+    (tmp_path / "b" / "vocab.json").write_text(json.dumps(vocab))
+    with pytest.raises(ValueError, match="inconsistent.*image tokenizer has K="):
+        Bundle.load(tmp_path / "b")
+
+
+FUZZ_PROMPTS = ["a red circle at the top left", "", "   ", "🐱🐶", "日本語のキャプション", "x" * 500,
+                "a " * 100, "\n\t", "<bos> <boi> <eoi>", "RED CIRCLE TOP LEFT"]  # fmt: skip
+FUZZ_PARAMS = [dict(), dict(temperature=0.1), dict(temperature=5.0), dict(top_k=1), dict(top_k=10**6),
+               dict(top_p=0.01), dict(top_p=1.0), dict(greedy=True), dict(temperature=0), dict(temperature=-1),
+               dict(top_k=0), dict(top_p=0), dict(top_p=1.5), dict(images_per_prompt=0), dict(batch_size=0),
+               dict(temperature=float("nan")), dict(images_per_prompt=3, batch_size=2)]  # fmt: skip
+
+
+def test_fuzz_prompts_and_sampling_parameters(bundle):
+    """Every combination either returns full images or raises a ValueError that says what is wrong."""
+    from unimodal.sampling import SamplingParams
+
+    r = bundle.image_tokenizer.config.resolution
+    accepted = refused = 0
+    for i, kw in enumerate(FUZZ_PARAMS):
+        prompts = [FUZZ_PROMPTS[i % len(FUZZ_PROMPTS)], FUZZ_PROMPTS[(i + 3) % len(FUZZ_PROMPTS)]]
+        try:
+            params = SamplingParams(seed=i, **kw)
+        except ValueError as err:
+            refused += 1
+            assert any(name in str(err) for name in ("temperature", "top_k", "top_p", "images_per_prompt")), err
+            continue
+        images = bundle.generate(prompts, params)
+        assert images.shape == (2 * params.images_per_prompt, 3, r, r) and torch.isfinite(images).all()
+        accepted += 1
+    assert accepted >= 8 and refused >= 7 and accepted + refused == len(FUZZ_PARAMS)

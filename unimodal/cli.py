@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import sys
 
 USAGE = """usage: unimodal COMMAND ...
@@ -32,10 +33,13 @@ def main(argv: list[str] | None = None) -> int:
         program = fit.TokenizerCLI if command == "tokenizer" else fit.TransformerCLI
         try:
             program(args=rest)
-        except (fit.NonFiniteLossError, ValueError, FileNotFoundError) as err:
+        except (fit.NonFiniteLossError, ValueError, FileNotFoundError, pickle.UnpicklingError) as err:
             if os.environ.get("UNIMODAL_DEBUG"):
                 raise
-            print(f"unimodal {command}: error: {err}", file=sys.stderr)
+            message = str(err).strip().splitlines()[0]
+            if isinstance(err, pickle.UnpicklingError):
+                message = f"refused to load a checkpoint that is not weights-only (it holds pickled code): {message}"
+            print(f"unimodal {command}: error: {message}", file=sys.stderr)
             return 1
         return 0
     commands = {"sample": "sample_main", "evaluate": "evaluate_main", "compare": "compare_main", "demo": "demo_main"}

@@ -251,6 +251,43 @@ def load_pairs(source: DataSource, split: str) -> datasets.Dataset:
 # ----------------------------------------------------------------------------- image transforms
 
 
+class BadImageError(ValueError):
+    """An image that cannot be read (corrupt, truncated, not an image)."""
+
+
+def open_image(value) -> Image.Image:
+    """A PIL image, a path, or an undecoded `datasets.Image` value ({"bytes", "path"}) -> loaded PIL image."""
+    import io
+
+    try:
+        if isinstance(value, Image.Image):
+            image = value
+        elif isinstance(value, dict) and value.get("bytes") is not None:
+            image = Image.open(io.BytesIO(value["bytes"]))
+        elif isinstance(value, dict | str | Path):
+            image = Image.open(value["path"] if isinstance(value, dict) else value)
+        else:
+            raise BadImageError(f"not an image: {type(value).__name__}")
+        image.load()  # decode now: truncated files fail here, not later inside a DataLoader
+        return image
+    except BadImageError:
+        raise
+    except Exception as err:  # PIL raises many types for bad files (OSError, SyntaxError, ValueError, ...)
+        where = value.get("path") if isinstance(value, dict) else value
+        raise BadImageError(f"cannot read image {where if isinstance(where, str | Path) else ''}: {err}") from err
+
+
+def decode_or_skip(values: list) -> tuple[list[Image.Image], list[int]]:
+    """Decode a batch of image values; returns the good images and the indices of the unreadable ones."""
+    images, bad = [], []
+    for i, value in enumerate(values):
+        try:
+            images.append(open_image(value))
+        except BadImageError:
+            bad.append(i)
+    return images, bad
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode (L, LA, P, RGBA, I;16, ...) to RGB; transparency is composited on black."""
     if image.mode == "RGB":

@@ -18,7 +18,9 @@ from torch.utils.data import DataLoader, Sampler
 
 
 class EpochSampler(Sampler[int]):
-    def __init__(self, n: int, batch_size: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, n: int, batch_size: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1
+    ):
         if n < batch_size * world_size:
             raise ValueError(
                 f"the training split has {n} samples, fewer than one global batch ({batch_size} x {world_size} "

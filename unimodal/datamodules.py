@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from .data import DataSource, image_to_tensor, load_pairs
+from .data import DataSource, decode_or_skip, image_to_tensor, load_pairs
 from .data_order import ResumableData
 from .image_tokenizer import WEIGHTS_FILE, ImageTokenizer, load_config
 from .text_tokenizer import TOKENIZER_FILE, TextTokenizer
@@ -67,18 +67,20 @@ class ImageDataModule(ResumableData, L.LightningDataModule):
 
     def _images(self, split: str, limit: int | None = None) -> datasets.Dataset:
         """Decode, convert and resize once (cached by `datasets`), then serve uint8 tensors."""
-        ds = load_pairs(self.source, split).select_columns(["image"])
+        ds = _undecoded(load_pairs(self.source, split).select_columns(["image"]))
         if limit is not None:
             ds = ds.select(range(min(limit, len(ds))))
         res = self.resolution
 
         def to_pixels(batch):
-            pixels = torch.stack([image_to_tensor(im, res) for im in batch["image"]])
+            images, _ = decode_or_skip(batch["image"])  # unreadable rows are dropped (and counted below)
+            pixels = torch.stack([image_to_tensor(im, res) for im in images]) if images else torch.zeros(0, 3, res, res)
             return {"pixels": pixels.add(1).mul(127.5).round().to(torch.uint8).numpy()}
 
         features = datasets.Features({"pixels": datasets.Array3D((3, res, res), "uint8")})
-        ds = ds.map(to_pixels, batched=True, remove_columns=["image"], features=features, desc=f"decoding {split}")
-        return ds.with_format("torch")
+        out = ds.map(to_pixels, batched=True, remove_columns=["image"], features=features, desc=f"decoding {split}")
+        _report_skipped(split, len(ds), len(out))
+        return out.with_format("torch")
 
     def setup(self, stage: str | None = None):
         self.train_set = self._images("train")
@@ -94,6 +96,18 @@ class ImageDataModule(ResumableData, L.LightningDataModule):
 
     def val_dataloader(self):
         return _val_loader(self.val_set, self.batch_size, self.num_workers, self._collate)
+
+
+def _undecoded(ds: datasets.Dataset) -> datasets.Dataset:
+    """Images as raw {"bytes", "path"} so that one corrupt file is a skipped row, not a crashed run."""
+    return ds.cast_column("image", datasets.Image(decode=False))
+
+
+def _report_skipped(split: str, before: int, after: int):
+    if after == 0:
+        raise ValueError(f"no readable images in split {split!r} ({before} rows): check data.source")
+    if after < before:
+        log.warning("split %r: skipped %d of %d rows with unreadable images", split, before - after, before)
 
 
 def _file_digest(path: Path) -> str:
@@ -155,7 +169,9 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
     def _text_tokenizer(self, vocab_size: int) -> TextTokenizer:
         if (self.text_tokenizer_dir / TOKENIZER_FILE).is_file():
             return TextTokenizer.load(self.text_tokenizer_dir)
-        captions = load_pairs(self.source, "train")["text"]
+        captions = [t for t in load_pairs(self.source, "train")["text"] if t]
+        if not captions:
+            raise ValueError(f"the train split of {self.source.name!r} has no captions to train the text tokenizer on")
         tokenizer = TextTokenizer.train(captions, vocab_size=vocab_size)
         tokenizer.save(self.text_tokenizer_dir)
         log.info("trained text tokenizer (%d ids) -> %s", tokenizer.vocab_size, self.text_tokenizer_dir)
@@ -175,18 +191,27 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
         vocab, resolution = self.vocab, self.image_tokenizer.config.resolution
 
         def encode(batch):
-            pixels = torch.stack([image_to_tensor(im, resolution) for im in batch["image"]])
+            images, bad = decode_or_skip(batch["image"])  # unreadable rows are dropped (and counted below)
+            if not images:
+                return {"input_ids": []}
+            pixels = torch.stack([image_to_tensor(im, resolution) for im in images])
             codes = self.image_tokenizer.encode(pixels)  # (B, h, w)
-            texts = self.text_tokenizer.encode_batch(batch["text"])
+            skipped = set(bad)
+            captions = [t for i, t in enumerate(batch["text"]) if i not in skipped]
+            texts = self.text_tokenizer.encode_batch([c or "" for c in captions])
             return {"input_ids": [vocab.text_to_image_sequence(t, c) for t, c in zip(texts, codes)]}
 
-        too_long = sum(len(t) > vocab.max_text_tokens for t in self.text_tokenizer.encode_batch(ds["text"]))
+        texts = [t or "" for t in ds["text"]]
+        too_long = sum(len(t) > vocab.max_text_tokens for t in self.text_tokenizer.encode_batch(texts))
         if too_long:
             log.warning(
                 "%d of %d captions exceed max_text_tokens=%d and are truncated; raise data.max_text_tokens "
                 "to keep them whole.", too_long, len(ds), vocab.max_text_tokens,
             )  # fmt: skip
-        return ds.map(
+        empty = sum(not t.strip() for t in texts)
+        if empty:
+            log.warning("%d of %d captions are empty; they train the unconditional (null-caption) case", empty, len(ds))
+        out = _undecoded(ds).map(
             encode,
             batched=True,
             batch_size=self.encode_batch_size,
@@ -194,6 +219,8 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
             new_fingerprint=self._fingerprint(ds),
             desc="pre-tokenizing",
         )
+        _report_skipped("pre-tokenized", len(ds), len(out))
+        return out
 
     def setup(self, stage: str | None = None):
         self.image_tokenizer.eval()

@@ -85,7 +85,9 @@ class _FitCLI(LightningCLI):
         callbacks = list(self._get(self.config_init, "trainer.callbacks") or [])
         if not any(isinstance(c, ModelCheckpoint) for c in callbacks):  # unless the config brings its own
             every = run.checkpoint_every_n_steps
-            callbacks.append(ModelCheckpoint(dirpath=run.dir / "checkpoints", save_last=True, every_n_train_steps=every))
+            callbacks.append(
+                ModelCheckpoint(dirpath=run.dir / "checkpoints", save_last=True, every_n_train_steps=every)
+            )
         callbacks.append(FiniteLossGuard())
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)

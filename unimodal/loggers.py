@@ -30,7 +30,9 @@ class RunConfig:
         if self.wandb not in ("auto", "online", "offline", "disabled"):
             raise ValueError(f"run.wandb must be auto, online, offline or disabled; got {self.wandb!r}")
         if self.checkpoint_every_n_steps is not None and self.checkpoint_every_n_steps <= 0:
-            raise ValueError(f"run.checkpoint_every_n_steps must be a positive integer or null, got {self.checkpoint_every_n_steps}")
+            raise ValueError(
+                f"run.checkpoint_every_n_steps must be a positive integer or null, got {self.checkpoint_every_n_steps}"
+            )
 
     @property
     def dir(self) -> Path:
