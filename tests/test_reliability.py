@@ -210,3 +210,32 @@ def test_ddp_on_two_cpu_processes_matches_one_process(trained, tmp_path, hf_cach
     for (_, x), (_, y) in zip(a["val/loss"], b["val/loss"]):
         # per-rank segment means differ slightly from global ones when caption lengths differ per rank
         assert x == pytest.approx(y, rel=2e-3)
+
+
+def test_streaming_shards_cover_the_epoch_once_across_two_ranks():
+    import datasets
+
+    from unimodal.data_order import StreamingShard, to_stream
+
+    ds = datasets.Dataset.from_dict({"idx": list(range(103))})
+    for shards in (8, 5):  # shards divisible by the world size, and not
+        ranks = [
+            StreamingShard(to_stream(ds, shards), rank, 2, seed=0, buffer_size=16, transform=lambda r: r["idx"])
+            for rank in (0, 1)
+        ]
+        epochs = []
+        for _ in range(2):
+            seen = [i for part in ranks for i in part]
+            assert sorted(seen) == list(range(103)), f"{shards} shards: a sample was skipped or seen twice"
+            epochs.append(seen)
+        assert epochs[0] != epochs[1]  # reshuffled every epoch
+
+
+def test_streaming_fit_runs_both_stages(trained, tmp_path, hf_cache):
+    from .conftest import fit_tokenizer, fit_transformer
+
+    tok = fit_tokenizer(tmp_path, hf_cache, steps=6, name="stream-tok", extra=["--data.streaming", "true"])
+    assert (tok / "model.safetensors").is_file()
+    bundle = fit_transformer(tmp_path, hf_cache, trained["tokenizer"], steps=6, name="stream-lm",
+                             extra=["--data.streaming", "true"])  # fmt: skip
+    assert (bundle / "bundle.json").is_file()

@@ -64,7 +64,19 @@ class ResumableData:
     """Mixin for LightningDataModules: exact, distributed-aware training order and its checkpoint state."""
 
     seed: int = 0
+    streaming: bool = False
+    stream_shards: int = 16
+    stream_buffer: int = 1000
     _resume: tuple[int, int] | None = None
+
+    def streaming_loader(self, stream, transform, batch_size: int, num_workers: int, collate_fn) -> DataLoader:
+        """Training batches from a `datasets` IterableDataset: this rank's shards, shuffled through a buffer."""
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        shard = StreamingShard(
+            to_stream(stream, self.stream_shards), rank, world, self.seed, self.stream_buffer, transform
+        )
+        return DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn, drop_last=True)
 
     def resumable_loader(self, dataset, batch_size: int, num_workers: int, collate_fn) -> DataLoader:
         trainer = getattr(self, "trainer", None)
@@ -86,7 +98,7 @@ class ResumableData:
     def state_dict(self) -> dict:
         """Where training is in the data: epoch and batches already used in it (primitives only)."""
         trainer = getattr(self, "trainer", None)
-        if trainer is None:
+        if trainer is None or self.streaming:
             return {}
         progress = trainer.fit_loop.epoch_loop.batch_progress.current
         # `processed` counts the batch whose on_train_batch_end is saving this checkpoint
@@ -97,3 +109,38 @@ class ResumableData:
             if state.get("seed", self.seed) != self.seed:
                 raise ValueError(f"checkpoint was trained with data seed {state['seed']}, this run has {self.seed}")
             self._resume = (state["epoch"], state["batches_done"])
+
+
+class StreamingShard(torch.utils.data.IterableDataset):
+    """This process's share of a `datasets` IterableDataset, reshuffled every pass.
+
+    `split_dataset_by_node` hands each rank whole shards (or every world_size-th example when the
+    shards do not divide evenly), so across ranks no example is seen twice or skipped in an epoch.
+    Streaming runs are exact per epoch but resume at an epoch boundary (mid-epoch position is not saved).
+    """
+
+    def __init__(self, stream, rank: int, world_size: int, seed: int, buffer_size: int, transform):
+        from datasets.distributed import split_dataset_by_node
+
+        self.stream = split_dataset_by_node(stream, rank=rank, world_size=world_size).shuffle(
+            seed=seed, buffer_size=buffer_size
+        )
+        self.transform = transform
+        self.epoch = 0
+
+    def __iter__(self):
+        self.stream.set_epoch(self.epoch)
+        self.epoch += 1
+        for row in self.stream:
+            item = self.transform(row)
+            if item is not None:  # unreadable rows are skipped
+                yield item
+
+
+def to_stream(dataset, num_shards: int):
+    """A map-style `datasets.Dataset` as a sharded IterableDataset (streaming sources already are one)."""
+    import datasets
+
+    if isinstance(dataset, datasets.IterableDataset):
+        return dataset
+    return dataset.to_iterable_dataset(num_shards=min(num_shards, len(dataset)))

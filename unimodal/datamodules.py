@@ -44,6 +44,8 @@ class ImageDataModule(ResumableData, L.LightningDataModule):
         val_split: split used for validation metrics (over the whole split).
         max_val_images: cap on validation images (None = all).
         seed: seed of the training order (one permutation per epoch; exact on resume and across processes).
+        streaming: read the training split as a `datasets` IterableDataset, sharded per process
+            (`split_dataset_by_node`), decoded on the fly, shuffled through a buffer; needs trainer.max_steps.
     """
 
     def __init__(
@@ -55,9 +57,10 @@ class ImageDataModule(ResumableData, L.LightningDataModule):
         val_split: str = "test",
         max_val_images: int | None = None,
         seed: int = 0,
+        streaming: bool = False,
     ):
         super().__init__()
-        self.seed = seed
+        self.seed, self.streaming = seed, streaming
         self.source = source
         self.resolution = resolution
         self.batch_size = batch_size
@@ -83,8 +86,18 @@ class ImageDataModule(ResumableData, L.LightningDataModule):
         return out.with_format("torch")
 
     def setup(self, stage: str | None = None):
-        self.train_set = self._images("train")
+        if self.streaming:
+            self.train_stream = _undecoded(load_pairs(self.source, "train").select_columns(["image"]))
+        else:
+            self.train_set = self._images("train")
         self.val_set = self._images(self.val_split, self.max_val_images)
+
+    def _stream_item(self, row: dict) -> dict | None:
+        images, _ = decode_or_skip([row["image"]])
+        if not images:
+            return None
+        pixels = image_to_tensor(images[0], self.resolution).add(1).mul(127.5).round().to(torch.uint8)
+        return {"pixels": pixels}
 
     @staticmethod
     def _collate(rows: list[dict]) -> torch.Tensor:
@@ -92,6 +105,10 @@ class ImageDataModule(ResumableData, L.LightningDataModule):
         return torch.stack([r["pixels"] for r in rows]).float().div(127.5).sub(1.0)
 
     def train_dataloader(self):
+        if self.streaming:
+            return self.streaming_loader(
+                self.train_stream, self._stream_item, self.batch_size, self.num_workers, self._collate
+            )
         return self.resumable_loader(self.train_set, self.batch_size, self.num_workers, self._collate)
 
     def val_dataloader(self):
@@ -129,6 +146,8 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
         max_val_samples: cap on validation sequences (None = all).
         encode_batch_size: images per image-tokenizer call while pre-tokenizing.
         seed: seed of the training order (one permutation per epoch; exact on resume and across processes).
+        streaming: read the training split as a `datasets` IterableDataset, sharded per process,
+            tokenized on the fly (no pre-tokenized cache); needs trainer.max_steps.
     """
 
     def __init__(
@@ -144,9 +163,10 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
         max_val_samples: int | None = None,
         encode_batch_size: int = 256,
         seed: int = 0,
+        streaming: bool = False,
     ):
         super().__init__()
-        self.seed = seed
+        self.seed, self.streaming = seed, streaming
         self.source = source
         self.image_tokenizer_dir = Path(image_tokenizer)
         self.text_tokenizer_dir = Path(text_tokenizer)
@@ -224,7 +244,10 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
 
     def setup(self, stage: str | None = None):
         self.image_tokenizer.eval()
-        self.train_set = self.tokenize(load_pairs(self.source, "train"))
+        if self.streaming:
+            self.train_stream = _undecoded(load_pairs(self.source, "train").select_columns(["image", "text"]))
+        else:
+            self.train_set = self.tokenize(load_pairs(self.source, "train"))
         val = load_pairs(self.source, self.val_split)
         if self.max_val_samples is not None:
             val = val.select(range(min(self.max_val_samples, len(val))))
@@ -241,15 +264,29 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
             mask[i, :n] = 1
         return {"input_ids": ids, "attention_mask": mask}
 
+    def _stream_item(self, row: dict) -> dict | None:
+        images, _ = decode_or_skip([row["image"]])
+        if not images:
+            return None
+        resolution = self.image_tokenizer.config.resolution
+        codes = self.image_tokenizer.encode(image_to_tensor(images[0], resolution)[None])[0]  # (h, w)
+        return {"input_ids": self.vocab.text_to_image_sequence(self.text_tokenizer.encode(row["text"] or ""), codes)}
+
     def train_dataloader(self):
+        if self.streaming:
+            return self.streaming_loader(
+                self.train_stream, self._stream_item, self.batch_size, self.num_workers, self._collate
+            )
         return self.resumable_loader(self.train_set, self.batch_size, self.num_workers, self._collate)
 
     def val_dataloader(self):
         return _val_loader(self.val_set, self.batch_size, self.num_workers, self._collate)
 
-    def image_unigram_loss(self) -> float:
+    def image_unigram_loss(self) -> float | None:
         """Cross-entropy (nats) of the val image codes under the train codes' unigram distribution:
-        the baseline `val/loss_image` must beat."""
+        the baseline `val/loss_image` must beat (None when streaming: no pass over the train split)."""
+        if self.streaming:
+            return None
         k, off = self.vocab.image_size, self.vocab.image_offset
 
         def histogram(ds):

@@ -173,7 +173,8 @@ class TransformerModule(L.LightningModule):
         if dm is not None and hasattr(dm, "image_unigram_loss"):
             if not hasattr(self, "_unigram"):
                 self._unigram = dm.image_unigram_loss()
-            metrics["val/loss_image_unigram"] = self._unigram
+            if self._unigram is not None:
+                metrics["val/loss_image_unigram"] = self._unigram
         self.log_dict(metrics, prog_bar=True)
 
     def configure_optimizers(self):
