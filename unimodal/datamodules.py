@@ -46,6 +46,8 @@ class ImageDataModule(ResumableData, L.LightningDataModule):
         seed: seed of the training order (one permutation per epoch; exact on resume and across processes).
         streaming: read the training split as a `datasets` IterableDataset, sharded per process
             (`split_dataset_by_node`), decoded on the fly, shuffled through a buffer; needs trainer.max_steps.
+        in_memory_bytes: splits whose decoded uint8 pixels fit in this many bytes are served from one
+            in-memory tensor; larger ones from the `datasets` cache on disk.
     """
 
     def __init__(
@@ -58,9 +60,10 @@ class ImageDataModule(ResumableData, L.LightningDataModule):
         max_val_images: int | None = None,
         seed: int = 0,
         streaming: bool = False,
+        in_memory_bytes: int = 2 * 1024**3,
     ):
         super().__init__()
-        self.seed, self.streaming = seed, streaming
+        self.seed, self.streaming, self.in_memory_bytes = seed, streaming, in_memory_bytes
         self.source = source
         self.resolution = resolution
         self.batch_size = batch_size
@@ -83,6 +86,8 @@ class ImageDataModule(ResumableData, L.LightningDataModule):
         features = datasets.Features({"pixels": datasets.Array3D((3, res, res), "uint8")})
         out = ds.map(to_pixels, batched=True, remove_columns=["image"], features=features, desc=f"decoding {split}")
         _report_skipped(split, len(ds), len(out))
+        if len(out) * 3 * res * res <= self.in_memory_bytes:  # small enough: one uint8 tensor, fastest to serve
+            return _PixelTensor(torch.from_numpy(out.with_format("numpy")[:]["pixels"]))
         return out.with_format("torch")
 
     def setup(self, stage: str | None = None):
@@ -113,6 +118,19 @@ class ImageDataModule(ResumableData, L.LightningDataModule):
 
     def val_dataloader(self):
         return _val_loader(self.val_set, self.batch_size, self.num_workers, self._collate)
+
+
+class _PixelTensor(torch.utils.data.Dataset):
+    """Pre-decoded uint8 images (N, 3, R, R) held in memory; rows look like the `datasets` rows."""
+
+    def __init__(self, pixels: torch.Tensor):
+        self.pixels = pixels
+
+    def __len__(self) -> int:
+        return self.pixels.shape[0]
+
+    def __getitem__(self, i: int) -> dict:
+        return {"pixels": self.pixels[i]}
 
 
 def _undecoded(ds: datasets.Dataset) -> datasets.Dataset:

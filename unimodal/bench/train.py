@@ -1,0 +1,133 @@
+"""`python -m unimodal.bench train`: stage-2 training tokens/s and MFU, Lightning loop vs a bare loop.
+
+FLOPs per token = 6 * N_params + 12 * n_layers * d_model * seq_len (nanoGPT / PaLM appendix B).
+Both loops train the same model on the same synthetic batches (ids laid out as real sequences:
+`<bos> text <boi> codes <eoi> <eos>`); the Lightning loop is `Trainer.fit` with logging, checkpoints
+and progress bar off, timed by a callback from the first timed step to the last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import lightning as L
+import torch
+
+from ..lit import TokenizerModule, TransformerModule
+from ..model import TransformerConfig
+from ..vocab import JointVocab
+from .common import measured_peak_flops, print_table
+
+
+def synthetic_batches(vocab: JointVocab, batch_size: int, text_len: int, n: int, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n):
+        text = torch.randint(0, vocab.text_size, (batch_size, text_len), generator=g)
+        codes = torch.randint(0, vocab.image_size, (batch_size, *vocab.image_grid), generator=g)
+        ids = torch.tensor([vocab.text_to_image_sequence(t.tolist(), c) for t, c in zip(text, codes)])
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return batches
+
+
+def flops_per_token(module: TransformerModule, seq_len: int) -> float:
+    cfg = module.hparams["model"]
+    n_params = sum(p.numel() for p in module.model.parameters())
+    return 6 * n_params + 12 * cfg["n_layers"] * cfg["d_model"] * seq_len
+
+
+def bare_loop(module: TransformerModule, batches: list[dict], warmup: int, fused: bool = False) -> float:
+    """Seconds per step of a plain PyTorch loop over the same module (forward, loss, backward, AdamW)."""
+    opt = torch.optim.AdamW(module.model.parameters(), lr=1e-4, fused=fused or None)
+    module.train()
+    start = None
+    for i, batch in enumerate(batches):
+        if i == warmup:
+            start = time.perf_counter()
+        loss, _ = module._loss(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return (time.perf_counter() - start) / (len(batches) - warmup)
+
+
+class _StepTimer(L.Callback):
+    def __init__(self, warmup: int):
+        self.warmup, self.start, self.end, self.steps = warmup, None, None, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.warmup:
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx >= self.warmup:
+            self.end, self.steps = time.perf_counter(), self.steps + 1
+
+
+def lightning_loop(module: L.LightningModule, batches: list, warmup: int, precision: str = "32-true") -> float:
+    """Seconds per step of `Trainer.fit` over the same batches (no logger, checkpoints or progress bar)."""
+    timer = _StepTimer(warmup)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=len(batches), logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer], precision=precision,
+        num_sanity_val_steps=0, limit_val_batches=0,
+    )  # fmt: skip
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    trainer.fit(module, train_dataloaders=loader)
+    return (timer.end - timer.start) / timer.steps
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m unimodal.bench train", description=__doc__)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--text-len", type=int, default=16, help="caption tokens per sequence")
+    p.add_argument("--n-layers", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=192)
+    p.add_argument("--n-heads", type=int, default=4)
+    p.add_argument("--ffn-hidden", type=int, default=512)
+    p.add_argument("--grid", type=int, default=8, help="image tokens = grid^2")
+    p.add_argument("--codebook", type=int, default=512)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--bf16", action="store_true", help="also time bf16 autocast (bf16-mixed)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+
+    peak = measured_peak_flops()
+    vocab = JointVocab(text_size=400, image_size=args.codebook, image_grid=(args.grid, args.grid), max_text_tokens=32)
+    config = TransformerConfig(args.n_layers, args.d_model, args.n_heads, args.ffn_hidden)
+    batches = synthetic_batches(vocab, args.batch_size, args.text_len, args.steps)
+    seq_len = batches[0]["input_ids"].shape[1]
+    tokens = args.batch_size * seq_len
+
+    rows = []
+
+    def row(loop: str, seconds: float, fpt: float):
+        rows.append({"loop": loop, "tokens/s": tokens / seconds, "step ms": 1000 * seconds,
+                     "MFU (fp32 peak)": tokens / seconds * fpt / peak})  # fmt: skip
+
+    torch.manual_seed(0)
+    module = TransformerModule(vocab=vocab, model=config)
+    fpt = flops_per_token(module, seq_len)
+    row("bare PyTorch", bare_loop(module, batches, args.warmup), fpt)
+    row("bare PyTorch, fused AdamW", bare_loop(module, batches, args.warmup, fused=True), fpt)
+    row(
+        "Lightning Trainer.fit", lightning_loop(TransformerModule(vocab=vocab, model=config), batches, args.warmup), fpt
+    )
+    if args.bf16:
+        module = TransformerModule(vocab=vocab, model=config)
+        row("Lightning, bf16-mixed", lightning_loop(module, batches, args.warmup, "bf16-mixed"), fpt)
+
+    images = [torch.rand(args.batch_size, 3, 32, 32) * 2 - 1 for _ in range(args.steps)]
+    stage1 = lightning_loop(TokenizerModule(), images, args.warmup)
+    ratio = rows[2]["tokens/s"] / rows[0]["tokens/s"]
+    extra = {"peak_flops": peak, "seq_len": seq_len, "flops_per_token": fpt, "lightning_over_bare": ratio,
+             "stage1_images_per_s": args.batch_size / stage1}  # fmt: skip
+    print(f"measured fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s; seq_len {seq_len}; {fpt / 1e6:.2f} MFLOP/token")
+    print_table("stage-2 training", rows, args.json, extra)
+    print(f"\nLightning / bare tokens/s: {ratio:.3f}")
+    print(
+        f"stage-1 (default tokenizer, batch {args.batch_size}) Lightning loop: {args.batch_size / stage1:.1f} images/s"
+    )
+    return 0
