@@ -118,6 +118,19 @@ def compare_main(argv: list[str]) -> int:
     return 0
 
 
+def reconstruct_main(argv: list[str]) -> int:
+    p = make_parser("reconstruct", "Image files through the tokenizer: originals above, reconstructions below.")
+    p.add_argument("--tokenizer", required=True, help="image tokenizer folder (a tokenizer run's export/)")
+    p.add_argument("--images", nargs="+", required=True, help="image files (any size/mode; resized, centre-cropped)")
+    p.add_argument("--out", default="reconstructions.png", help="PNG grid to write (default reconstructions.png)")
+    args = p.parse_args(argv)
+    from .reconstruct import reconstruction_grid
+
+    result = reconstruction_grid(args.tokenizer, args.images, args.out)
+    print(f"{result['images']} images: PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.3f} -> {args.out}")
+    return 0
+
+
 def demo_main(argv: list[str]) -> int:
     from .demo import run_demo
 
