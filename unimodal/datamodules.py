@@ -116,6 +116,13 @@ class SequenceDataModule(L.LightningDataModule):
         val_split: split for validation losses.
         max_val_samples: cap on validation sequences (None = all).
         encode_batch_size: images per image-tokenizer call while pre-tokenizing.
+        caption_dropout: probability that a training text-to-image row gets the empty caption
+            (`<bos> <boi> codes <eoi> <eos>`), which classifier-free guidance needs (0 = off).
+        i2t_fraction: probability that a training row is rewritten in the captioning order
+            `<bos> <boi> codes <eoi> text <eos>` (0 = text-to-image only; > 0 puts `image_to_text`
+            in the vocabulary so the grammar allows it).
+        mix_seed: seed of the per-batch choices above; they depend only on (mix_seed, batch index),
+            so a resumed run makes the same choices.
     """
 
     def __init__(
@@ -130,8 +137,15 @@ class SequenceDataModule(L.LightningDataModule):
         val_split: str = "test",
         max_val_samples: int | None = None,
         encode_batch_size: int = 256,
+        caption_dropout: float = 0.0,
+        i2t_fraction: float = 0.0,
+        mix_seed: int = 0,
     ):
         super().__init__()
+        for name, value in (("caption_dropout", caption_dropout), ("i2t_fraction", i2t_fraction)):
+            if not 0 <= value < 1:
+                raise ValueError(f"data.{name} must be in [0, 1), got {value}")
+        self.caption_dropout, self.i2t_fraction, self.mix_seed = caption_dropout, i2t_fraction, mix_seed
         self.source = source
         self.image_tokenizer_dir = Path(image_tokenizer)
         self.text_tokenizer_dir = Path(text_tokenizer)
@@ -149,6 +163,7 @@ class SequenceDataModule(L.LightningDataModule):
             image_size=image_config.codebook_size,
             image_grid=(image_config.grid_size, image_config.grid_size),
             max_text_tokens=max_text_tokens,
+            image_to_text=i2t_fraction > 0,
         )
 
     def _text_tokenizer(self, vocab_size: int) -> TextTokenizer:
@@ -212,6 +227,34 @@ class SequenceDataModule(L.LightningDataModule):
             ids[i, :n] = torch.as_tensor(r["input_ids"])
             mask[i, :n] = 1
         return {"input_ids": ids, "attention_mask": mask}
+
+    def mix(self, batch: dict[str, torch.Tensor], batch_index: int) -> dict[str, torch.Tensor]:
+        """Rewrite some rows of a collated training batch: captioning order (i2t_fraction), then the
+        empty caption (caption_dropout) among the rest. The choices come from a generator seeded
+        by (mix_seed, batch_index) only, so they do not depend on worker processes or resumption."""
+        if not (self.caption_dropout or self.i2t_fraction):
+            return batch
+        v = self.vocab
+        g = torch.Generator().manual_seed(self.mix_seed * 1_000_003 + batch_index)
+        u = torch.rand(batch["input_ids"].shape[0], generator=g)  # one draw per row decides its order
+        i2t = u < self.i2t_fraction
+        drop = (u >= self.i2t_fraction) & (u < self.i2t_fraction + (1 - self.i2t_fraction) * self.caption_dropout)
+        rows = []
+        for ids, mask, to_i2t, to_null in zip(batch["input_ids"], batch["attention_mask"], i2t, drop):
+            text, codes = v.split_sequence(ids[mask.bool()].tolist())
+            codes = torch.tensor(codes).view(*v.image_grid)
+            if to_i2t:
+                rows.append({"input_ids": v.image_to_text_sequence(text, codes)})
+            else:
+                rows.append({"input_ids": v.text_to_image_sequence([] if to_null else text, codes)})
+        return self._collate(rows)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Training batches only: `mix` them, keyed by the loop's batch counter (restored on resume)."""
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return batch
+        return self.mix(batch, trainer.fit_loop.epoch_loop.batch_progress.total.ready)
 
     def train_dataloader(self):
         return _loader(self.train_set, self.batch_size, True, self.num_workers, self._collate)
