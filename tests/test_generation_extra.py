@@ -168,6 +168,15 @@ def test_caption_dropout_and_i2t_mix_depend_only_on_seed_and_batch_index(trained
         assert g.is_valid(seq)
         kinds.append("i2t" if seq[1] == v.boi and seq[-2] != v.eoi else "null" if seq[1] == v.boi else "t2i")
     assert {"i2t", "null", "t2i"} == set(kinds)
+    # in a fit, the hook keys the mix by the loop's batch counter, and leaves validation batches alone
+    from types import SimpleNamespace
+
+    progress = SimpleNamespace(total=SimpleNamespace(ready=7))
+    mixed.trainer = SimpleNamespace(training=True, fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(
+        batch_progress=progress)))  # fmt: skip
+    assert torch.equal(mixed.on_before_batch_transfer(batch, 0)["input_ids"], a["input_ids"])
+    mixed.trainer.training = False
+    assert mixed.on_before_batch_transfer(batch, 0) is batch
     with pytest.raises(ValueError, match="caption_dropout must be in"):
         dm(caption_dropout=1.0)
 

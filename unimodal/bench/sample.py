@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--codebook", type=int, default=512, help="codebook size K for the fresh model")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64], help="batch sizes (default 1 64)")
     p.add_argument("--modes", nargs="+", default=None, choices=list(MODES),
-                   help="cache modes (default: none dynamic static, + static+compile on GPU)")  # fmt: skip
+                   help="cache modes (default: none dynamic static, + static+compile on GPU; on CPU add it by "
+                        "hand: inductor compiles for minutes)")  # fmt: skip
+    p.add_argument("--skip", nargs="*", default=[], help="rows to leave out, as MODE@BATCH (e.g. none@64)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per row (median; 1 for slow rows)")
     p.add_argument("--slow-seconds", type=float, default=20.0, help="a row whose first call exceeds this is timed once")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -88,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for batch in args.batches:
         for mode in modes:
+            if f"{mode}@{batch}" in args.skip:
+                continue
             params = SamplingParams(seed=0, batch_size=batch, **MODES[mode])
             prompts = [prompt] * batch
 
