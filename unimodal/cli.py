@@ -14,7 +14,9 @@ commands:
   transformer {fit,validate} ...   stage 2: train the transformer (LightningCLI; --help for options)
   sample      --bundle DIR --prompt TEXT ... --out grid.png    text-to-image sampling
   evaluate    --bundle DIR --split test|heldout --json OUT     caption fidelity, PSNR, codebook usage
+  caption     --bundle DIR --images FILE ... | --split test    image-to-text captions (and their accuracy)
   compare     RUN_DIR [RUN_DIR ...] --out DIR                  table + validation curves from CSV logs
+  reconstruct --tokenizer DIR --images PATH ... --out grid.png  image files through the tokenizer
   demo        --out DIR                                        everything above on the built-in dataset
 
 Run `unimodal COMMAND --help` for a command's options.
@@ -42,7 +44,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"unimodal {command}: error: {message}", file=sys.stderr)
             return 1
         return 0
-    commands = {"sample": "sample_main", "evaluate": "evaluate_main", "compare": "compare_main", "demo": "demo_main"}
+    commands = {
+        "sample": "sample_main", "evaluate": "evaluate_main", "caption": "caption_main",
+        "compare": "compare_main", "demo": "demo_main", "reconstruct": "reconstruct_main",
+    }  # fmt: skip
     if command not in commands:
         print(f"unimodal: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2

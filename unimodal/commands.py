@@ -1,4 +1,4 @@
-"""The non-Lightning subcommands: sample, evaluate, compare, demo (argparse; user errors -> one line)."""
+"""The non-Lightning subcommands: sample, evaluate, caption, compare, demo (argparse; user errors -> one line)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,9 @@ def _sampling_args(p: argparse.ArgumentParser):
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default: off)")
     p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="sequences per generate() call")
+    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--cache", choices=["dynamic", "static"], default="dynamic", help="the library's KV cache kind")
+    p.add_argument("--compile", action="store_true", help="torch.compile the forward (needs --cache static)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -44,6 +47,7 @@ def _params(args, images_per_prompt: int = 1):
     return SamplingParams(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy,
         seed=args.seed, images_per_prompt=images_per_prompt, batch_size=args.batch_size,
+        cfg_scale=args.cfg_scale, cache=args.cache, compile=args.compile,
     )  # fmt: skip
 
 
@@ -54,19 +58,30 @@ def sample_main(argv: list[str]) -> int:
     p.add_argument("--num-images", type=_positive_int, default=4, help="images per prompt (default 4)")
     p.add_argument("--out", default="grid.png", help="PNG grid to write (default grid.png)")
     p.add_argument("--out-dir", default=None, help="also write each image as a PNG into this folder")
+    p.add_argument("--rerank", type=_positive_int, default=None,
+                   help="generate this many candidates per prompt and keep the --num-images best by the "
+                        "contrastive scorer (trained once, cached in BUNDLE/reranker)")  # fmt: skip
     _sampling_args(p)
     args = p.parse_args(argv)
     from .bundle import Bundle
     from .data import tensor_to_image
     from .sampling import make_grid
 
-    params = _params(args, args.num_images)
+    candidates = args.rerank or args.num_images
+    if candidates < args.num_images:
+        raise ValueError(f"--rerank {candidates} is fewer than --num-images {args.num_images}; raise --rerank")
+    params = _params(args, candidates)
     bundle = Bundle.load(args.bundle, device=args.device)
     prompts = [q.strip() for q in args.prompt]
     if any(not q for q in prompts):
         raise ValueError("empty --prompt; give a caption such as 'a red circle at the top left'")
     start = time.perf_counter()
     images = bundle.generate(prompts, params)
+    if args.rerank:
+        from .rerank import rerank, reranker_for
+
+        scorer = reranker_for(bundle, Path(args.bundle) / "reranker")
+        images, _ = rerank(scorer, images, bundle.text_tokenizer.encode_batch(prompts), candidates, args.num_images)
     seconds = time.perf_counter() - start
     labels = [q for q in prompts for _ in range(args.num_images)]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -88,19 +103,61 @@ def evaluate_main(argv: list[str]) -> int:
     p.add_argument("--json", default=None, help="write the results here as JSON")
     p.add_argument("--grid", default=None, help="write a PNG grid of the first 32 generated images")
     p.add_argument("--judge-dir", default=None, help="judge cache (default: BUNDLE/judge)")
+    p.add_argument("--rerank", type=_positive_int, default=1,
+                   help="candidates per caption; the contrastive scorer keeps the best (default 1 = off)")  # fmt: skip
     _sampling_args(p)
     args = p.parse_args(argv)
     from .bundle import Bundle
     from .evaluate import evaluate_bundle, write_json
 
+    params = _params(args)
     bundle = Bundle.load(args.bundle, device=args.device)
     result = evaluate_bundle(
-        bundle, args.split, args.judge_dir or Path(args.bundle) / "judge", args.num_captions, _params(args),
-        grid_path=args.grid,
+        bundle, args.split, args.judge_dir or Path(args.bundle) / "judge", args.num_captions, params,
+        grid_path=args.grid, rerank=args.rerank, reranker_dir=Path(args.bundle) / "reranker",
     )  # fmt: skip
     if args.json:
         write_json(result, args.json)
     print(json.dumps(result, indent=2))
+    return 0
+
+
+def caption_main(argv: list[str]) -> int:
+    p = make_parser("caption", "Image -> text with a bundle trained on both orders (data.i2t_fraction > 0).")
+    p.add_argument("--bundle", required=True, help="bundle folder")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--images", nargs="+", help="image files to caption")
+    what.add_argument("--split", choices=["test", "heldout"], help="caption a shapes split and score the captions")
+    p.add_argument("--num-images", type=_positive_int, default=200, help="images of --split to caption")
+    p.add_argument("--out", default=None, help="write captions here (JSON lines: file, caption)")
+    p.add_argument("--json", default=None, help="with --split: write the accuracy results here")
+    _sampling_args(p)
+    args = p.parse_args(argv)
+    from .bundle import Bundle
+    from .caption import caption_images, captioning_accuracy
+    from .data import images_to_tensor
+    from .evaluate import write_json
+
+    params = _params(args)
+    bundle = Bundle.load(args.bundle, device=args.device)
+    if args.split:
+        result = captioning_accuracy(bundle, args.split, args.num_images, params)
+        if args.json:
+            write_json(result, args.json)
+        print(json.dumps(result, indent=2))
+        return 0
+    from PIL import Image
+
+    missing = [f for f in args.images if not Path(f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"no such image file(s): {', '.join(missing)}")
+    pixels = images_to_tensor([Image.open(f) for f in args.images], bundle.image_tokenizer.config.resolution)
+    captions = caption_images(bundle, pixels, params)
+    lines = [json.dumps({"file": f, "caption": c}) for f, c in zip(args.images, captions)]
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
     return 0
 
 
@@ -115,6 +172,19 @@ def compare_main(argv: list[str]) -> int:
     table, plot = compare(args.runs, args.out, args.sort_by)
     print(table.read_text())
     print(f"table -> {table}\nplot  -> {plot}")
+    return 0
+
+
+def reconstruct_main(argv: list[str]) -> int:
+    p = make_parser("reconstruct", "Image files through the tokenizer: originals above, reconstructions below.")
+    p.add_argument("--tokenizer", required=True, help="image tokenizer folder (a tokenizer run's export/)")
+    p.add_argument("--images", nargs="+", required=True, help="image files (any size/mode; resized, centre-cropped)")
+    p.add_argument("--out", default="reconstructions.png", help="PNG grid to write (default reconstructions.png)")
+    args = p.parse_args(argv)
+    from .reconstruct import reconstruction_grid
+
+    result = reconstruction_grid(args.tokenizer, args.images, args.out)
+    print(f"{result['images']} images: PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.3f} -> {args.out}")
     return 0
 
 

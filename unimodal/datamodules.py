@@ -166,6 +166,13 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
         seed: seed of the training order (one permutation per epoch; exact on resume and across processes).
         streaming: read the training split as a `datasets` IterableDataset, sharded per process,
             tokenized on the fly (no pre-tokenized cache); needs trainer.max_steps.
+        caption_dropout: probability that a training text-to-image row gets the empty caption
+            (`<bos> <boi> codes <eoi> <eos>`), which classifier-free guidance needs (0 = off).
+        i2t_fraction: probability that a training row is rewritten in the captioning order
+            `<bos> <boi> codes <eoi> text <eos>` (0 = text-to-image only; > 0 puts `image_to_text`
+            in the vocabulary so the grammar allows it).
+        mix_seed: seed of the per-batch choices above; they depend only on (mix_seed, batch index),
+            so a resumed run makes the same choices.
     """
 
     def __init__(
@@ -180,11 +187,18 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
         val_split: str = "test",
         max_val_samples: int | None = None,
         encode_batch_size: int = 256,
+        caption_dropout: float = 0.0,
+        i2t_fraction: float = 0.0,
+        mix_seed: int = 0,
         seed: int = 0,
         streaming: bool = False,
     ):
         super().__init__()
         self.seed, self.streaming = seed, streaming
+        for name, value in (("caption_dropout", caption_dropout), ("i2t_fraction", i2t_fraction)):
+            if not 0 <= value < 1:
+                raise ValueError(f"data.{name} must be in [0, 1), got {value}")
+        self.caption_dropout, self.i2t_fraction, self.mix_seed = caption_dropout, i2t_fraction, mix_seed
         self.source = source
         self.image_tokenizer_dir = Path(image_tokenizer)
         self.text_tokenizer_dir = Path(text_tokenizer)
@@ -202,6 +216,7 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
             image_size=image_config.codebook_size,
             image_grid=(image_config.grid_size, image_config.grid_size),
             max_text_tokens=max_text_tokens,
+            image_to_text=i2t_fraction > 0,
         )
 
     def _text_tokenizer(self, vocab_size: int) -> TextTokenizer:
@@ -289,6 +304,34 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
         resolution = self.image_tokenizer.config.resolution
         codes = self.image_tokenizer.encode(image_to_tensor(images[0], resolution)[None])[0]  # (h, w)
         return {"input_ids": self.vocab.text_to_image_sequence(self.text_tokenizer.encode(row["text"] or ""), codes)}
+
+    def mix(self, batch: dict[str, torch.Tensor], batch_index: int) -> dict[str, torch.Tensor]:
+        """Rewrite some rows of a collated training batch: captioning order (i2t_fraction), then the
+        empty caption (caption_dropout) among the rest. The choices come from a generator seeded
+        by (mix_seed, batch_index) only, so they do not depend on worker processes or resumption."""
+        if not (self.caption_dropout or self.i2t_fraction):
+            return batch
+        v = self.vocab
+        g = torch.Generator().manual_seed(self.mix_seed * 1_000_003 + batch_index)
+        u = torch.rand(batch["input_ids"].shape[0], generator=g)  # one draw per row decides its order
+        i2t = u < self.i2t_fraction
+        drop = (u >= self.i2t_fraction) & (u < self.i2t_fraction + (1 - self.i2t_fraction) * self.caption_dropout)
+        rows = []
+        for ids, mask, to_i2t, to_null in zip(batch["input_ids"], batch["attention_mask"], i2t, drop):
+            text, codes = v.split_sequence(ids[mask.bool()].tolist())
+            codes = torch.tensor(codes).view(*v.image_grid)
+            if to_i2t:
+                rows.append({"input_ids": v.image_to_text_sequence(text, codes)})
+            else:
+                rows.append({"input_ids": v.text_to_image_sequence([] if to_null else text, codes)})
+        return self._collate(rows)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Training batches only: `mix` them, keyed by the loop's batch counter (restored on resume)."""
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return batch
+        return self.mix(batch, trainer.fit_loop.epoch_loop.batch_progress.total.ready)
 
     def train_dataloader(self):
         if self.streaming:

@@ -4,6 +4,10 @@
 - caption fidelity: fraction of images generated from the split's captions whose judged scene
   matches the caption (colour, shape and position of every object), plus per-attribute rates;
 - image tokenizer: PSNR of reconstructions and codebook usage over the split's real images.
+
+With `rerank=N > 1`, N candidates are generated per caption and the contrastive scorer of
+`rerank.py` keeps the best one; the fidelity of each caption's first candidate (what sampling
+without reranking gives, same seeds) is reported next to it.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ def evaluate_bundle(
     shapes: ShapesConfig | None = None,
     grid_path: str | Path | None = None,
     judge_config: JudgeConfig | None = None,
+    rerank: int = 1,
+    reranker_dir: str | Path | None = None,
 ) -> dict:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -61,12 +67,25 @@ def evaluate_bundle(
         recon = tok.decode(codes)
     code_stats = code_statistics(torch.bincount(codes.flatten(), minlength=tok.codebook_size))
 
+    if rerank < 1:
+        raise ValueError(f"rerank must be >= 1 candidates per caption, got {rerank}")
     captions = [r["text"] for r in rows]
     generated = []
-    for start in tqdm(range(0, len(captions), params.batch_size), desc=f"generating {split}"):
-        chunk = SamplingParams(**{**params.__dict__, "seed": params.seed + start, "images_per_prompt": 1})
-        generated.append(bundle.generate(captions[start : start + params.batch_size], chunk))
-    generated = torch.cat(generated)
+    per_call = max(1, params.batch_size // rerank)  # captions per generate() call
+    for start in tqdm(range(0, len(captions), per_call), desc=f"generating {split}"):
+        chunk = SamplingParams(**{**params.__dict__, "seed": params.seed + start, "images_per_prompt": rerank})
+        generated.append(bundle.generate(captions[start : start + per_call], chunk))
+    generated = torch.cat(generated)  # (P * rerank, 3, R, R), grouped by caption
+    extra = {}
+    if rerank > 1:
+        from .rerank import rerank as keep_best
+        from .rerank import reranker_for
+
+        scorer = reranker_for(bundle, reranker_dir or Path(judge_dir).parent / "reranker")
+        first = generated[::rerank]
+        generated, _ = keep_best(scorer, generated, bundle.text_tokenizer.encode_batch(captions), rerank)
+        extra = {"rerank_candidates": rerank, "caption_fidelity_without_rerank": _rates(
+            scene_match(judge.read(first), labels))["scene"]}  # fmt: skip
     fidelity = _rates(scene_match(judge.read(generated), labels))
     if grid_path:
         make_grid(generated[:32], captions[:32], ncol=8).save(grid_path)
@@ -76,12 +95,15 @@ def evaluate_bundle(
         "num_captions": len(rows),
         "caption_fidelity": fidelity["scene"],
         "fidelity_by_attribute": {k: v for k, v in fidelity.items() if k != "scene"},
+        **extra,
         "judge_accuracy_real": judge_real["scene"],
         "judge_by_attribute_real": {k: v for k, v in judge_real.items() if k != "scene"},
         "tokenizer_psnr": float(psnr(recon, real).mean()),
         "tokenizer_codebook_usage": code_stats["codebook_usage"],
         "tokenizer_perplexity": code_stats["perplexity"],
-        "sampling": {k: v for k, v in params.__dict__.items() if k in ("temperature", "top_k", "top_p", "seed")},
+        "sampling": {
+            k: v for k, v in params.__dict__.items() if k in ("temperature", "top_k", "top_p", "seed", "cfg_scale")
+        },
     }
 
 

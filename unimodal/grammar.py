@@ -1,6 +1,8 @@
 """The segment grammar: the one place that decides which ids may follow a prefix.
 
-Sequences are `<bos> text{0..T} <boi> code{N} <eoi> <eos>`. The grammar is a small state machine
+Sequences are `<bos> text{0..T} <boi> code{N} <eoi> <eos>`; with `vocab.image_to_text` also
+`<bos> <boi> code{N} <eoi> text{0..T} <eos>` (a caption comes at most once: before the image or, if
+there was none before, after it). The grammar is a small state machine
 whose state after any prefix follows in closed form from counts over the prefix, so it is computed
 for every position of a batch at once (training) or for the last position (sampling):
 
@@ -8,8 +10,12 @@ for every position of a batch at once (training) or for the last position (sampl
     TEXT_FULL   text budget used up: <boi>
     IMAGE       inside the image with fewer than N codes: any image id
     IMAGE_FULL  N codes emitted: <eoi>
-    END         after <eoi>: <eos>
+    END         after <eoi> when the caption came first: <eos>
     DONE        after <eos>: <pad> (what `generate()` appends to finished rows)
+    CAPTION_START  (image_to_text) after <eoi> with no text before <boi>: any text id or <eos>
+                   (text only with `require_caption`, which captioning uses)
+    CAPTION        fewer than T caption ids after <eoi>: any text id or <eos>
+    CAPTION_FULL   caption budget used up: <eos>
 
 The same object drives the `transformers` LogitsProcessor at generation and the optional
 grammar masking of the training loss, and it labels each target token with its segment
@@ -23,13 +29,18 @@ from transformers import LogitsProcessor
 
 from .vocab import JointVocab
 
-TEXT, TEXT_FULL, IMAGE, IMAGE_FULL, END, DONE = range(6)
-STATE_NAMES = ("TEXT", "TEXT_FULL", "IMAGE", "IMAGE_FULL", "END", "DONE")
+TEXT, TEXT_FULL, IMAGE, IMAGE_FULL, END, DONE, CAPTION_START, CAPTION, CAPTION_FULL = range(9)
+STATE_NAMES = ("TEXT", "TEXT_FULL", "IMAGE", "IMAGE_FULL", "END", "DONE", "CAPTION_START", "CAPTION", "CAPTION_FULL")
 SEGMENT_TEXT, SEGMENT_IMAGE = 0, 1
 
 
 class SegmentGrammar:
-    def __init__(self, vocab: JointVocab):
+    """`require_caption`: after an image with no caption before it, at least one caption id must
+    follow (captioning must not stop at once; CFG's empty-caption training rows end that way)."""
+
+    def __init__(self, vocab: JointVocab, require_caption: bool = False):
+        if require_caption and not vocab.image_to_text:
+            raise ValueError("require_caption needs a vocabulary with image_to_text (train with data.i2t_fraction > 0)")
         self.vocab = vocab
         v = vocab
         table = torch.zeros(len(STATE_NAMES), v.size, dtype=torch.bool)  # (S, V): allowed next ids per state
@@ -40,6 +51,11 @@ class SegmentGrammar:
         table[IMAGE_FULL, v.eoi] = True
         table[END, v.eos] = True
         table[DONE, v.pad] = True
+        table[CAPTION_START, : v.text_size] = True
+        table[CAPTION_START, v.eos] = not require_caption
+        table[CAPTION, : v.text_size] = True
+        table[CAPTION, v.eos] = True
+        table[CAPTION_FULL, v.eos] = True
         self.table = table
 
     def states(self, ids: torch.Tensor) -> torch.Tensor:
@@ -53,12 +69,19 @@ class SegmentGrammar:
         seen_boi = (ids == v.boi).cumsum(-1) > 0
         seen_eoi = (ids == v.eoi).cumsum(-1) > 0
         seen_eos = (ids == v.eos).cumsum(-1) > 0
-        n_text = (v.is_text(ids) & started).cumsum(-1)
+        is_text = v.is_text(ids) & started
+        n_text = (is_text & ~seen_boi).cumsum(-1)  # caption ids before the image (frozen after <boi>)
         n_image = v.is_image(ids).cumsum(-1)
         text = torch.where(n_text < v.max_text_tokens, TEXT, TEXT_FULL)
         image = torch.where(n_image < v.image_tokens, IMAGE, IMAGE_FULL)
         state = torch.where(seen_boi, image, text)
-        state = torch.where(seen_eoi, torch.full_like(state, END), state)
+        after = torch.full_like(state, END)
+        if v.image_to_text:
+            n_caption = (is_text & seen_eoi).cumsum(-1)  # caption ids after the image
+            caption = torch.where(n_caption < v.max_text_tokens, CAPTION, CAPTION_FULL)
+            caption = torch.where(n_caption == 0, CAPTION_START, caption)
+            after = torch.where(n_text == 0, caption, after)
+        state = torch.where(seen_eoi, after, state)
         return torch.where(seen_eos, torch.full_like(state, DONE), state)
 
     def allowed_next(self, ids: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .quantizers import QUANTIZERS, QuantizerOutput
+from .quantizers import CODEBOOK_QUANTIZERS, QUANTIZERS, QuantizerOutput, build_quantizer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -31,13 +31,49 @@ class ImageTokenizerConfig:
     num_res_blocks: int = 1
     code_dim: int = 32
     codebook_size: int = 512
-    quantizer: str = "vq"  # a name in unimodal.quantizers.QUANTIZERS
-    beta: float = 0.25  # commitment weight
+    quantizer: str = "vq"  # vq | ema | l2 | gumbel | fsq (see unimodal.quantizers)
+    beta: float = 0.25  # commitment weight (vq, ema, l2)
+    restart_window: int = 0  # vq/ema/l2: re-seed codes unused for this many training steps (0 = never)
+    ema_decay: float = 0.99  # ema: codebook moving-average decay
+    lookup_dim: int = 8  # l2: dimension of the normalised codes (1x1 projections in/out of code_dim)
+    gumbel_temperature: list[float] = field(default_factory=lambda: [1.0, 0.0625])  # gumbel: start, end
+    gumbel_anneal_steps: int = 1000  # gumbel: steps of the geometric temperature decay
+    gumbel_kl_weight: float = 1e-3  # gumbel: weight of KL(q || uniform prior)
+    fsq_levels: list[int] = field(default_factory=lambda: [8, 8, 4, 4])  # fsq: values per channel
 
     def __post_init__(self):
         self.channel_mult = list(self.channel_mult)
+        self.gumbel_temperature = [float(t) for t in self.gumbel_temperature]
+        self.fsq_levels = [int(v) for v in self.fsq_levels]
         if self.quantizer not in QUANTIZERS:
-            raise ValueError(f"unknown quantizer {self.quantizer!r}; choose one of {sorted(QUANTIZERS)}")
+            raise ValueError(f"unknown quantizer {self.quantizer!r}; choose one of {list(QUANTIZERS)}")
+        if self.restart_window < 0:
+            raise ValueError(f"restart_window must be >= 0 (0 = no restart), got {self.restart_window}")
+        if self.restart_window and self.quantizer not in CODEBOOK_QUANTIZERS:
+            raise ValueError(
+                f"restart_window applies to codebook quantizers {list(CODEBOOK_QUANTIZERS)}, not "
+                f"{self.quantizer!r}; set restart_window: 0"
+            )
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.lookup_dim < 1:
+            raise ValueError(f"lookup_dim must be >= 1, got {self.lookup_dim}")
+        t = self.gumbel_temperature
+        if len(t) != 2 or not t[0] >= t[1] > 0:
+            raise ValueError(f"gumbel_temperature must be [start, end] with start >= end > 0, got {t}")
+        if self.gumbel_anneal_steps < 1 or self.gumbel_kl_weight < 0:
+            raise ValueError("gumbel_anneal_steps must be >= 1 and gumbel_kl_weight >= 0")
+        if self.quantizer == "fsq":
+            if any(v < 2 for v in self.fsq_levels) or not self.fsq_levels:
+                raise ValueError(f"fsq_levels must be a non-empty list of integers >= 2, got {self.fsq_levels}")
+            product = 1
+            for v in self.fsq_levels:
+                product *= v
+            if product != self.codebook_size:
+                raise ValueError(
+                    f"fsq_levels {self.fsq_levels} give {product} codes but codebook_size is {self.codebook_size}; "
+                    f"set codebook_size: {product} or change the levels"
+                )
         factor = self.downsample
         if self.resolution % factor:
             raise ValueError(f"resolution {self.resolution} must be divisible by the downsampling {factor}")
@@ -110,7 +146,7 @@ class ImageTokenizer(nn.Module):
         super().__init__()
         self.config = config
         self.encoder = Encoder(config)
-        self.quantizer = QUANTIZERS[config.quantizer](config.codebook_size, config.code_dim, beta=config.beta)
+        self.quantizer = build_quantizer(config)
         self.decoder = Decoder(config)
 
     @property
@@ -129,7 +165,7 @@ class ImageTokenizer(nn.Module):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> codes (B, h, w) int64."""
         self._check_images(images)
-        return self.quantizer(self.encoder(images)).codes
+        return self.quantizer.encode(self.encoder(images))
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -173,3 +209,24 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB for images in [-1, 1] (measured on the [0, 1] scale). (B,) tensor."""
     mse = F.mse_loss((x.clamp(-1, 1) + 1) / 2, (y.clamp(-1, 1) + 1) / 2, reduction="none").flatten(1).mean(1)
     return -10 * torch.log10(mse.clamp_min(1e-10))
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 7, sigma: float = 1.5) -> torch.Tensor:
+    """Per-image SSIM (Wang et al. 2004) for images in [-1, 1], on the [0, 1] scale: a Gaussian
+    window (`window` px, std `sigma`) per channel, 'valid' borders, mean over channels and
+    positions. (B,) tensor; identical images give 1."""
+    x, y = (x.clamp(-1, 1) + 1) / 2, (y.clamp(-1, 1) + 1) / 2
+    c1, c2 = 0.01**2, 0.03**2
+    g = torch.exp(-((torch.arange(window, dtype=x.dtype, device=x.device) - (window - 1) / 2) ** 2) / (2 * sigma**2))
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :]).expand(x.shape[1], 1, window, window)  # (C, 1, k, k), depthwise
+
+    def blur(t):
+        return F.conv2d(t, kernel, groups=x.shape[1])
+
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x**2
+    var_y = blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return s.flatten(1).mean(1)

@@ -10,17 +10,19 @@ from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import get_cosine_schedule_with_warmup
 
 from .bundle import Bundle
 from .grammar import SegmentGrammar
-from .image_tokenizer import ImageTokenizer, ImageTokenizerConfig, psnr
+from .image_tokenizer import ImageTokenizer, ImageTokenizerConfig, psnr, ssim
 from .loggers import log_image
 from .model import TransformerConfig, build_transformer, sequence_loss
 from .quantizers import code_statistics
 from .sampling import SamplingParams, make_grid
+from .tokenizer_losses import PatchDiscriminator, adaptive_weight, generator_adv_loss, hinge_d_loss
 from .vocab import JointVocab
 
 
@@ -40,14 +42,21 @@ def _cosine(optimizer, trainer, warmup_steps: int):
 
 
 class TokenizerModule(L.LightningModule):
-    """Stage 1: the VQ autoencoder.
+    """Stage 1: the image tokenizer (any quantizer in `unimodal.quantizers`).
+
+    Loss: pixel (MSE or L1) + the quantizer's own terms (+ optionally a PatchGAN hinge term,
+    VQGAN-style: from `adversarial_start` on, weighted by `adversarial_weight` times the adaptive
+    ratio of reconstruction to adversarial gradients at the decoder's last layer).
 
     Args:
-        model: the image tokenizer's architecture.
+        model: the image tokenizer's architecture and quantizer.
         lr: peak learning rate (cosine decay after warm-up).
         warmup_steps: linear warm-up steps.
         weight_decay: AdamW decay on weight matrices.
         pixel_loss: "mse" or "l1".
+        adversarial_weight: weight of the PatchGAN term (0 = off).
+        adversarial_start: step at which the discriminator and its loss switch on.
+        disc_channels: width of the PatchGAN discriminator's first layer.
     """
 
     def __init__(
@@ -57,28 +66,50 @@ class TokenizerModule(L.LightningModule):
         warmup_steps: int = 50,
         weight_decay: float = 0.0,
         pixel_loss: str = "mse",
+        adversarial_weight: float = 0.0,
+        adversarial_start: int = 1000,
+        disc_channels: int = 32,
     ):
         super().__init__()
         if pixel_loss not in ("mse", "l1"):
             raise ValueError(f"pixel_loss must be 'mse' or 'l1', got {pixel_loss!r}")
+        if adversarial_weight < 0 or adversarial_start < 0:
+            raise ValueError("adversarial_weight and adversarial_start must be >= 0")
         self.save_hyperparameters({"model": asdict(model), "lr": lr, "warmup_steps": warmup_steps,
-                                   "weight_decay": weight_decay, "pixel_loss": pixel_loss})  # fmt: skip
+                                   "weight_decay": weight_decay, "pixel_loss": pixel_loss,
+                                   "adversarial_weight": adversarial_weight, "adversarial_start": adversarial_start,
+                                   "disc_channels": disc_channels})  # fmt: skip
         self.tokenizer = ImageTokenizer(model)
         self.pixel_loss = F.mse_loss if pixel_loss == "mse" else F.l1_loss
+        self.discriminator = PatchDiscriminator(disc_channels) if adversarial_weight > 0 else None
 
     def training_step(self, images, batch_idx):
+        self.tokenizer.quantizer.set_step(self.global_step)
         recon, q = self.tokenizer(images)
         rec = self.pixel_loss(recon, images)
         loss = rec + q.loss
-        self.log_dict({"train/loss": loss, "train/rec_loss": rec, "train/vq_loss": q.loss}, prog_bar=True)
+        logs = {"train/loss": loss, "train/rec_loss": rec, "train/vq_loss": q.loss}
+        if self.discriminator is not None and self.global_step >= self.hparams.adversarial_start:
+            # One optimizer step trains both: the generator term cannot move the discriminator
+            # (frozen copy of its weights), the discriminator term sees only detached reconstructions.
+            g_adv = generator_adv_loss(self.discriminator, recon)
+            last_layer = self.tokenizer.decoder.net[-1].weight
+            weight = self.hparams.adversarial_weight * adaptive_weight(rec, g_adv, last_layer)
+            d_loss = hinge_d_loss(self.discriminator(images), self.discriminator(recon.detach()))
+            loss = loss + weight * g_adv + d_loss
+            logs.update({"train/loss": loss, "train/g_adv": g_adv, "train/adv_weight": weight, "train/d_loss": d_loss})
+        self.log_dict(logs, prog_bar=True)
+        self.log_dict({f"train/{k}": float(v) for k, v in q.stats.items()})
         return loss
 
     def on_validation_epoch_start(self):
-        self._val = {"psnr": 0.0, "n": 0, "rec": 0.0, "counts": torch.zeros(self.tokenizer.codebook_size)}
+        k = self.tokenizer.codebook_size
+        self._val = {"psnr": 0.0, "ssim": 0.0, "n": 0, "rec": 0.0, "counts": torch.zeros(k, dtype=torch.long)}
 
     def validation_step(self, images, batch_idx):
         recon, q = self.tokenizer(images)
         self._val["psnr"] += float(psnr(recon, images).sum())
+        self._val["ssim"] += float(ssim(recon, images).sum())
         self._val["rec"] += float(self.pixel_loss(recon, images, reduction="sum")) / images[0].numel()
         self._val["n"] += images.shape[0]
         self._val["counts"] += torch.bincount(q.codes.flatten().cpu(), minlength=self.tokenizer.codebook_size)
@@ -89,20 +120,43 @@ class TokenizerModule(L.LightningModule):
         v, n = self._val, max(self._val["n"], 1)
         stats = code_statistics(v["counts"])
         self.log_dict({
-            "val/psnr": v["psnr"] / n, "val/rec_loss": v["rec"] / n,
+            "val/psnr": v["psnr"] / n, "val/ssim": v["ssim"] / n, "val/rec_loss": v["rec"] / n,
             "val/codebook_usage": stats["codebook_usage"], "val/perplexity": stats["perplexity"],
         }, prog_bar=True)  # fmt: skip
         if not self.trainer.sanity_checking and self.trainer.loggers:
             originals, recons = self._val_example
             grid = make_grid(torch.cat([originals, recons]), ncol=originals.shape[0], cell=64)
             log_image(self.trainer.loggers, "val/reconstructions", grid, self.global_step, "top: input, bottom: recon")
+            log_image(self.trainer.loggers, "val/code_usage", usage_histogram(v["counts"]), self.global_step,
+                      "uses of each code over the whole validation split, most used first")  # fmt: skip
 
     def configure_optimizers(self):
-        opt = _adamw(self.tokenizer, self.hparams.lr, self.hparams.weight_decay, betas=(0.9, 0.99))
+        opt = _adamw(self, self.hparams.lr, self.hparams.weight_decay, betas=(0.9, 0.99))
         return _cosine(opt, self.trainer, self.hparams.warmup_steps)
 
     def export(self, directory: Path, datamodule) -> Path:
         return self.tokenizer.save_pretrained(directory)
+
+
+def usage_histogram(counts: torch.Tensor):
+    """Per-code use counts (K,) -> a PIL bar chart, codes sorted by use (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    fig, ax = plt.subplots(figsize=(6, 2.5), dpi=100)
+    ordered = counts.sort(descending=True).values.numpy()
+    ax.bar(range(len(ordered)), ordered + 1, width=1.0)
+    ax.set_yscale("log")
+    ax.set_xlabel(f"code rank ({int((counts > 0).sum())}/{len(ordered)} used)")
+    ax.set_ylabel("uses + 1")
+    fig.tight_layout()
+    fig.canvas.draw()
+    image = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())).convert("RGB")
+    plt.close(fig)
+    return image
 
 
 class TransformerModule(L.LightningModule):

@@ -1,68 +1,310 @@
-"""Vector quantizers for the image tokenizer, one interface, chosen by name in the config.
+"""The quantizer family of the image tokenizer, one interface, chosen by name in the config.
 
-forward(z (B, D, h, w)) -> QuantizerOutput(z_q (B, D, h, w), codes (B, h, w), loss, ...)
-lookup(codes (B, h, w)) -> z_q (B, D, h, w)
+    forward(z (B, D, h, w)) -> QuantizerOutput(z_q (B, D, h, w), codes (B, h, w), loss, stats)
+    encode(z (B, D, h, w)) -> codes (B, h, w)     deterministic, no side effects (tokenizing)
+    lookup(codes (B, h, w)) -> z_q (B, D, h, w)   (detokenizing)
+    set_step(step)                                training step, for schedules (Gumbel temperature)
+
+| name     | what                                                                  | as in                  |
+|----------|-----------------------------------------------------------------------|------------------------|
+| `vq`     | nearest code (L2), codebook + commitment loss, straight-through       | VQ-VAE                 |
+| `ema`    | nearest code, codebook = EMA of its assigned encoder outputs          | VQ-VAE-2               |
+| `l2`     | L2-normalised low-dim codes (`lookup_dim`), cosine lookup             | ViT-VQGAN, LlamaGen    |
+| `gumbel` | K logits, Gumbel-softmax relaxation + KL to uniform; argmax at eval   | DALL-E dVAE            |
+| `fsq`    | per-channel rounding to `fsq_levels` values; K = prod(levels)         | FSQ (Mentzer et al.)   |
+
+The codebook variants (`vq`, `ema`, `l2`) start from the first training batch's encoder outputs
+and can re-seed codes unused for `restart_window` training steps from the current batch
+(`stats["restarted_codes"]`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+if TYPE_CHECKING:
+    from .image_tokenizer import ImageTokenizerConfig
+
 
 @dataclass
 class QuantizerOutput:
-    z_q: torch.Tensor  # (B, D, h, w), straight-through: gradients flow to the encoder output
+    z_q: torch.Tensor  # (B, D, h, w); gradients flow to the encoder output (straight-through or relaxed)
     codes: torch.Tensor  # (B, h, w) int64
-    loss: torch.Tensor  # scalar: codebook + commitment terms
+    loss: torch.Tensor  # scalar: codebook/commitment or KL terms, already weighted
+    stats: dict[str, float] = field(default_factory=dict)  # extra training metrics (train/<key>)
 
 
-class VectorQuantizer(nn.Module):
-    """VQ-VAE quantizer: nearest codebook entry, straight-through estimator, commitment loss.
+def _to_flat(z: torch.Tensor) -> torch.Tensor:
+    return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (B, D, h, w) -> (B*h*w, D)
 
-    The codebook is initialised from the first training batch's encoder outputs (as in
-    k-means init), which keeps far more codes alive than a random init.
+
+def _from_flat(flat: torch.Tensor, b: int, h: int, w: int) -> torch.Tensor:
+    return flat.view(b, h, w, -1).permute(0, 3, 1, 2)  # (B*h*w, D) -> (B, D, h, w)
+
+
+class Quantizer(nn.Module):
+    def set_step(self, step: int):
+        """Training step (the LightningModule calls this before each step); only schedules use it."""
+
+
+# ----------------------------------------------------------------------------- codebook variants
+
+
+class VectorQuantizer(Quantizer):
+    """VQ-VAE: nearest codebook entry, straight-through estimator, codebook + commitment loss.
+
+    The codebook is initialised from the first training batch's encoder outputs (k-means style
+    init), which keeps far more codes alive than a random init. Subclasses change the space the
+    lookup happens in (`_project`) and how the codebook learns (`_codebook_loss`).
     """
 
-    def __init__(self, codebook_size: int, code_dim: int, beta: float = 0.25):
+    def __init__(self, codebook_size: int, code_dim: int, beta: float = 0.25, restart_window: int = 0,
+                 lookup_dim: int | None = None):  # fmt: skip
         super().__init__()
         self.beta = beta
-        self.codebook = nn.Embedding(codebook_size, code_dim)
+        self.restart_window = restart_window
+        self.codebook = nn.Embedding(codebook_size, lookup_dim or code_dim)
         nn.init.uniform_(self.codebook.weight, -1.0 / codebook_size, 1.0 / codebook_size)
         self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("unused_steps", torch.zeros(codebook_size, dtype=torch.long))
+
+    def _project(self, z: torch.Tensor) -> torch.Tensor:
+        """Encoder output (B, D, h, w) -> the lookup space (B, d, h, w)."""
+        return z
+
+    def _unproject(self, q: torch.Tensor) -> torch.Tensor:
+        """Lookup space (B, d, h, w) -> decoder input (B, D, h, w)."""
+        return q
+
+    def _weights(self) -> torch.Tensor:
+        return self.codebook.weight
 
     @torch.no_grad()
-    def _init_from(self, flat: torch.Tensor):
-        k = self.codebook.num_embeddings
-        idx = torch.randint(0, flat.shape[0], (k,), device=flat.device)
-        self.codebook.weight.copy_(flat[idx] + 1e-3 * torch.randn_like(flat[idx]))
-        self.initialized.fill_(True)
+    def _seed_codes(self, idx: torch.Tensor, vectors: torch.Tensor):
+        """Overwrite codes `idx` (n,) with `vectors` (n, d)."""
+        self.codebook.weight[idx] = vectors
+
+    def _codebook_loss(self, flat: torch.Tensor, q: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(q, flat.detach())
 
     def nearest(self, flat: torch.Tensor) -> torch.Tensor:
-        """(M, D) -> (M,) index of the nearest code (squared L2)."""
-        w = self.codebook.weight
+        """(M, d) -> (M,) index of the nearest code (squared L2)."""
+        w = self._weights()
         d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ w.t() + w.pow(2).sum(1)[None]
         return d.argmin(1)
 
+    @torch.no_grad()
+    def _random_rows(self, flat: torch.Tensor, n: int) -> torch.Tensor:
+        idx = torch.randint(0, flat.shape[0], (n,), device=flat.device)
+        return flat[idx] + 1e-3 * flat.std() * torch.randn_like(flat[idx])
+
+    @torch.no_grad()
+    def _restart_dead(self, flat: torch.Tensor, codes: torch.Tensor) -> int:
+        """Re-seed codes unused for `restart_window` steps from this batch's encoder outputs."""
+        used = torch.bincount(codes, minlength=self.unused_steps.numel()) > 0
+        self.unused_steps.add_(1).masked_fill_(used, 0)
+        dead = (self.unused_steps >= self.restart_window).nonzero().flatten()
+        if dead.numel():
+            self._seed_codes(dead, self._random_rows(flat, dead.numel()))
+            self.unused_steps[dead] = 0
+        return int(dead.numel())
+
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
-        b, d, h, w = z.shape
-        flat = z.permute(0, 2, 3, 1).reshape(-1, d)  # (B*h*w, D)
+        b, _, h, w = z.shape
+        flat = _to_flat(self._project(z))  # (B*h*w, d)
         if self.training and not bool(self.initialized):
-            self._init_from(flat.detach())
-        codes = self.nearest(flat)
-        q = self.codebook(codes).view(b, h, w, d).permute(0, 3, 1, 2)
-        loss = F.mse_loss(q, z.detach()) + self.beta * F.mse_loss(z, q.detach())
-        z_q = z + (q - z).detach()
-        return QuantizerOutput(z_q=z_q, codes=codes.view(b, h, w), loss=loss)
+            self._seed_codes(torch.arange(self.codebook.num_embeddings), self._random_rows(flat.detach(), len(self)))
+            self.initialized.fill_(True)
+        codes = self.nearest(flat.detach())
+        q = self._weights()[codes]  # (B*h*w, d)
+        loss = self._codebook_loss(flat, q, codes) + self.beta * F.mse_loss(flat, q.detach())
+        stats = {}
+        if self.training and self.restart_window > 0:
+            stats["restarted_codes"] = float(self._restart_dead(flat.detach(), codes))
+        q = flat + (q - flat).detach()  # straight-through
+        return QuantizerOutput(z_q=self._unproject(_from_flat(q, b, h, w)), codes=codes.view(b, h, w),
+                               loss=loss, stats=stats)  # fmt: skip
+
+    @torch.no_grad()
+    def encode(self, z: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = z.shape
+        return self.nearest(_to_flat(self._project(z))).view(b, h, w)
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        return self._unproject(self._weights()[codes].permute(0, 3, 1, 2))
+
+    def __len__(self) -> int:
+        return self.codebook.num_embeddings
+
+
+class EMAQuantizer(VectorQuantizer):
+    """VQ-VAE-2: the codebook is not trained by gradient but is the exponential moving average of
+    the encoder outputs assigned to each code (Laplace-smoothed counts); only the commitment loss
+    remains."""
+
+    def __init__(self, codebook_size: int, code_dim: int, beta: float = 0.25, restart_window: int = 0,
+                 decay: float = 0.99, eps: float = 1e-5):  # fmt: skip
+        super().__init__(codebook_size, code_dim, beta, restart_window)
+        self.decay, self.eps = decay, eps
+        self.codebook.weight.requires_grad_(False)
+        self.register_buffer("cluster_size", torch.ones(codebook_size))
+        self.register_buffer("embed_sum", self.codebook.weight.detach().clone())
+
+    @torch.no_grad()
+    def _seed_codes(self, idx: torch.Tensor, vectors: torch.Tensor):
+        self.codebook.weight[idx] = vectors
+        self.embed_sum[idx] = vectors
+        self.cluster_size[idx] = 1.0
+
+    def _codebook_loss(self, flat: torch.Tensor, q: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self._ema_update(flat.detach(), codes)
+        return flat.new_zeros(())
+
+    @torch.no_grad()
+    def _ema_update(self, flat: torch.Tensor, codes: torch.Tensor):
+        k = len(self)
+        onehot = F.one_hot(codes, k).type_as(flat)  # (M, K)
+        self.cluster_size.lerp_(onehot.sum(0), 1 - self.decay)
+        self.embed_sum.lerp_(onehot.t() @ flat, 1 - self.decay)
+        n = self.cluster_size.sum()
+        smoothed = (self.cluster_size + self.eps) / (n + k * self.eps) * n
+        self.codebook.weight.copy_(self.embed_sum / smoothed[:, None])
+
+
+class L2Quantizer(VectorQuantizer):
+    """ViT-VQGAN / LlamaGen: project to a low-dimensional space (`lookup_dim`), L2-normalise both
+    the projected encoder output and the codes, pick the code of highest cosine similarity. Small
+    normalised codes keep usage high with large codebooks."""
+
+    def __init__(self, codebook_size: int, code_dim: int, beta: float = 0.25, restart_window: int = 0,
+                 lookup_dim: int = 8):  # fmt: skip
+        super().__init__(codebook_size, code_dim, beta, restart_window, lookup_dim)
+        self.proj_in = nn.Conv2d(code_dim, lookup_dim, 1) if lookup_dim != code_dim else nn.Identity()
+        self.proj_out = nn.Conv2d(lookup_dim, code_dim, 1) if lookup_dim != code_dim else nn.Identity()
+
+    def _project(self, z):
+        return F.normalize(self.proj_in(z), dim=1)
+
+    def _unproject(self, q):
+        return self.proj_out(q)
+
+    def _weights(self):
+        return F.normalize(self.codebook.weight, dim=1)
+
+
+# ----------------------------------------------------------------------------- DALL-E's dVAE
+
+
+class GumbelQuantizer(Quantizer):
+    """DALL-E's discrete VAE: the encoder output becomes K logits per position. Training feeds the
+    decoder a Gumbel-softmax mixture of codebook vectors (temperature annealed from
+    `temperature[0]` to `temperature[1]` over `anneal_steps`, geometrically) and adds
+    `kl_weight * KL(q(code | x) || uniform)`; inference takes the argmax (a hard code)."""
+
+    def __init__(self, codebook_size: int, code_dim: int, temperature: tuple[float, float] = (1.0, 0.0625),
+                 anneal_steps: int = 1000, kl_weight: float = 1e-3):  # fmt: skip
+        super().__init__()
+        self.to_logits = nn.Conv2d(code_dim, codebook_size, 1)
+        self.codebook = nn.Embedding(codebook_size, code_dim)
+        self.start, self.end = temperature
+        self.anneal_steps = anneal_steps
+        self.kl_weight = kl_weight
+        self.temperature = self.start
+
+    def set_step(self, step: int):
+        frac = min(step / max(self.anneal_steps, 1), 1.0)
+        self.temperature = self.start * (self.end / self.start) ** frac
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        logits = self.to_logits(z)  # (B, K, h, w)
+        if not self.training:
+            codes = logits.argmax(1)
+            return QuantizerOutput(z_q=self.lookup(codes), codes=codes, loss=logits.new_zeros(()))
+        soft = F.gumbel_softmax(logits, tau=self.temperature, hard=False, dim=1)  # (B, K, h, w)
+        z_q = torch.einsum("bkhw,kd->bdhw", soft, self.codebook.weight)
+        log_q = logits.log_softmax(1)
+        kl = (log_q.exp() * (log_q + math.log(logits.shape[1]))).sum(1).mean()  # KL(q || uniform), nats
+        return QuantizerOutput(z_q=z_q, codes=soft.argmax(1), loss=self.kl_weight * kl,
+                               stats={"temperature": self.temperature, "kl": float(kl.detach())})  # fmt: skip
+
+    @torch.no_grad()
+    def encode(self, z):
+        return self.to_logits(z).argmax(1)
+
+    def lookup(self, codes):
         return self.codebook(codes).permute(0, 3, 1, 2)
 
 
-QUANTIZERS: dict[str, type[nn.Module]] = {"vq": VectorQuantizer}
+# ----------------------------------------------------------------------------- FSQ
+
+
+class FSQuantizer(Quantizer):
+    """Finite scalar quantization: project to len(levels) channels, bound channel i to levels[i]
+    values with a tanh, round (straight-through). The implicit codebook is the grid of
+    prod(levels) points, so there is nothing to collapse and no auxiliary loss."""
+
+    def __init__(self, code_dim: int, levels: list[int]):
+        super().__init__()
+        self.register_buffer("levels", torch.tensor(levels), persistent=False)
+        basis = torch.cumprod(torch.tensor([1, *levels[:-1]]), 0)
+        self.register_buffer("basis", basis, persistent=False)
+        self.proj_in = nn.Conv2d(code_dim, len(levels), 1)
+        self.proj_out = nn.Conv2d(len(levels), code_dim, 1)
+
+    def _quantize(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, L, h, w) -> values on the grid, in [-1, 1] per channel (straight-through round)."""
+        lv = self.levels.view(1, -1, 1, 1).to(z.dtype)
+        half_l = (lv - 1) * (1 - 1e-3) / 2
+        offset = torch.where(lv % 2 == 0, 0.5, 0.0)
+        bounded = torch.tanh(z + torch.atanh(offset / half_l)) * half_l - offset  # even levels are asymmetric
+        rounded = bounded + (bounded.round() - bounded).detach()
+        return rounded / (lv // 2)
+
+    def _codes(self, zhat: torch.Tensor) -> torch.Tensor:
+        half = (self.levels // 2).view(1, -1, 1, 1)
+        digits = (zhat * half + half).round().long()  # (B, L, h, w) in [0, levels)
+        return (digits * self.basis.view(1, -1, 1, 1)).sum(1)
+
+    def forward(self, z):
+        zhat = self._quantize(self.proj_in(z))
+        return QuantizerOutput(z_q=self.proj_out(zhat), codes=self._codes(zhat), loss=z.new_zeros(()))
+
+    @torch.no_grad()
+    def encode(self, z):
+        return self._codes(self._quantize(self.proj_in(z)))
+
+    def lookup(self, codes):
+        digits = (codes[:, None] // self.basis.view(1, -1, 1, 1)) % self.levels.view(1, -1, 1, 1)
+        half = (self.levels // 2).view(1, -1, 1, 1)
+        return self.proj_out((digits - half).float() / half)
+
+
+QUANTIZERS = ("vq", "ema", "l2", "gumbel", "fsq")
+CODEBOOK_QUANTIZERS = ("vq", "ema", "l2")  # the ones with codes that can die (and be restarted)
+
+
+def build_quantizer(c: ImageTokenizerConfig) -> Quantizer:
+    """The quantizer named by `c.quantizer`, with its options from the config."""
+    common = dict(beta=c.beta, restart_window=c.restart_window)
+    if c.quantizer == "vq":
+        return VectorQuantizer(c.codebook_size, c.code_dim, **common)
+    if c.quantizer == "ema":
+        return EMAQuantizer(c.codebook_size, c.code_dim, **common, decay=c.ema_decay)
+    if c.quantizer == "l2":
+        return L2Quantizer(c.codebook_size, c.code_dim, **common, lookup_dim=c.lookup_dim)
+    if c.quantizer == "gumbel":
+        return GumbelQuantizer(c.codebook_size, c.code_dim, tuple(c.gumbel_temperature), c.gumbel_anneal_steps,
+                               c.gumbel_kl_weight)  # fmt: skip
+    if c.quantizer == "fsq":
+        return FSQuantizer(c.code_dim, c.fsq_levels)
+    raise ValueError(f"unknown quantizer {c.quantizer!r}; choose one of {QUANTIZERS}")
 
 
 def code_statistics(counts: torch.Tensor) -> dict[str, float]:

@@ -2,22 +2,43 @@
 
 Functions take the plain modules (transformer, vocab, tokenizers) and return tensors; no
 Lightning involved. Every sample is a full image: the grammar forces exactly N image codes.
+
+Classifier-free guidance (Janus/LlamaGen style): each prompt's row is paired with an unconditional
+row (`<bos> <boi>`, the empty caption the model saw under caption dropout) in one doubled batch, so
+one forward pass (and the library's KV cache) serves both. `ClassifierFreeGuidance` mixes the two
+rows' log-probabilities as `u + s * (c - u)` - the formula of transformers'
+`UnbatchedClassifierFreeGuidanceLogitsProcessor`, which `generate(guidance_scale=s,
+negative_prompt_ids=...)` reaches with a second, separate forward pass - and picks one token for
+both rows.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from transformers import LogitsProcessorList
+from transformers import (
+    CompileConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from .data import tensor_to_image
 from .grammar import GrammarLogitsProcessor, SegmentGrammar
 
+CACHES = ("dynamic", "static")
+
 
 @dataclass
 class SamplingParams:
+    """How to sample. `cfg_scale` 1 is no guidance; `cache` picks the library's KV cache
+    ("dynamic" grows per step, "static" is preallocated and lets `compile` torch.compile the forward)."""
+
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
@@ -26,16 +47,67 @@ class SamplingParams:
     images_per_prompt: int = 1
     batch_size: int = 64
     use_cache: bool = True
+    cfg_scale: float = 1.0
+    cache: str = "dynamic"
+    compile: bool = False
 
     def __post_init__(self):
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0 (got {self.temperature}); use greedy for argmax decoding")
-        if self.top_k is not None and self.top_k <= 0:
-            raise ValueError(f"top_k must be a positive integer (got {self.top_k}); leave it unset to disable")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (got {self.top_p})")
-        if self.images_per_prompt < 1 or self.batch_size < 1:
-            raise ValueError("images_per_prompt and batch_size must be >= 1")
+        if not (isinstance(self.temperature, int | float) and math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0 (got {self.temperature}); use greedy for argmax")
+        if self.top_k is not None and (type(self.top_k) is not int or self.top_k <= 0):
+            raise ValueError(f"top_k must be a positive integer (got {self.top_k!r}); leave it unset to disable")
+        if self.top_p is not None and not (isinstance(self.top_p, int | float) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] (got {self.top_p}); leave it unset to disable")
+        for name in ("images_per_prompt", "batch_size", "seed"):
+            value = getattr(self, name)
+            if type(value) is not int or value < (0 if name == "seed" else 1):
+                raise ValueError(f"{name} must be an integer >= {0 if name == 'seed' else 1} (got {value!r})")
+        if not (isinstance(self.cfg_scale, int | float) and math.isfinite(self.cfg_scale) and self.cfg_scale >= 0):
+            raise ValueError(f"cfg_scale must be a finite number >= 0 (got {self.cfg_scale}); 1 turns guidance off")
+        if self.cache not in CACHES:
+            raise ValueError(f"cache must be one of {CACHES} (got {self.cache!r})")
+        if not self.use_cache and (self.cache != "dynamic" or self.compile):
+            raise ValueError("cache='static' and compile need use_cache=True")
+        if self.compile and self.cache != "static":
+            raise ValueError("compile needs cache='static' (a compiled forward needs fixed shapes)")
+
+
+class ClassifierFreeGuidance(LogitsProcessor):
+    """Guidance over a doubled batch: rows [0, B) are conditional, [B, 2B) their unconditional twins.
+
+    Returns the same scores for both halves. When sampling, it draws the token itself (after the
+    grammar and the warpers, on the guided distribution) and returns a one-hot score, so `generate()`
+    runs greedy and appends the same token to a row and its twin.
+    """
+
+    def __init__(self, scale: float, grammar: SegmentGrammar, warpers: LogitsProcessorList | None = None):
+        self.scale = scale
+        self.grammar = GrammarLogitsProcessor(grammar)
+        self.warpers = warpers
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        b = input_ids.shape[0] // 2
+        cond, uncond = scores[:b].log_softmax(-1), scores[b:].log_softmax(-1)  # (B, V) each
+        guided = self.grammar(input_ids[:b], uncond + self.scale * (cond - uncond))
+        if self.warpers is not None:
+            guided = self.warpers(input_ids[:b], guided)
+            token = torch.multinomial(guided.softmax(-1), 1)  # (B, 1)
+            guided = torch.full_like(guided, float("-inf")).scatter(1, token, 0.0)
+        return torch.cat([guided, guided])
+
+
+def warpers(params: SamplingParams) -> LogitsProcessorList | None:
+    """The library's temperature/top-k/top-p warpers, as `generate()` would build them (None = greedy)."""
+    if params.greedy:
+        return None
+    out = LogitsProcessorList()
+    if params.temperature != 1.0:
+        out.append(TemperatureLogitsWarper(params.temperature))
+    if params.top_k is not None:
+        out.append(TopKLogitsWarper(params.top_k))
+    if params.top_p is not None and params.top_p < 1.0:
+        out.append(TopPLogitsWarper(params.top_p))
+    return out
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,27 +122,53 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 
 
 @torch.no_grad()
-def generate_codes(model, vocab, prompt_ids: list[list[int]], params: SamplingParams) -> torch.Tensor:
-    """Joint-id prompts (each `<bos> text <boi>`) -> code grids (B, h, w)."""
+def generate_ids(
+    model, vocab, prompt_ids: list[list[int]], params: SamplingParams, max_new_tokens: int, grammar: SegmentGrammar
+) -> torch.Tensor:
+    """Left-padded prompts -> the new ids (B, max_new_tokens), <pad> after <eos>; CFG doubles the batch."""
     device = next(model.parameters()).device
-    grammar = SegmentGrammar(vocab)
-    ids, mask = left_pad(prompt_ids, vocab.pad)
+    b = len(prompt_ids)
+    guided = params.cfg_scale != 1.0
+    rows = prompt_ids + [vocab.unconditional_prompt()] * b if guided else prompt_ids
+    ids, mask = left_pad(rows, vocab.pad)
+    if guided:
+        processors = LogitsProcessorList([ClassifierFreeGuidance(params.cfg_scale, grammar, warpers(params))])
+        sample = {"do_sample": False}  # the processor samples; generate() takes its one-hot argmax
+    else:
+        processors = LogitsProcessorList([GrammarLogitsProcessor(grammar)])
+        sample = {"do_sample": not params.greedy}
+        if not params.greedy:
+            sample.update(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
+    cache = {}
+    if params.use_cache and params.cache == "static":
+        cache["cache_implementation"] = "static"
+        if params.compile:
+            cache["compile_config"] = CompileConfig(dynamic=False, mode="default")
+            cache["compile_config"]._compile_all_devices = True  # transformers only auto-compiles on GPUs
+    if not params.compile:
+        cache["disable_compile"] = True
     out = model.generate(
         input_ids=ids.to(device),
         attention_mask=mask.to(device),
-        max_new_tokens=vocab.image_tokens + 2,
-        do_sample=not params.greedy,
-        temperature=None if params.greedy else params.temperature,
-        top_k=None if params.greedy else params.top_k,
-        top_p=None if params.greedy else params.top_p,
-        logits_processor=LogitsProcessorList([GrammarLogitsProcessor(grammar)]),
+        max_new_tokens=max_new_tokens,
+        logits_processor=processors,
         pad_token_id=vocab.pad,
         bos_token_id=vocab.bos,
         eos_token_id=vocab.eos,
         use_cache=params.use_cache,
+        **sample,
+        **cache,
     )
-    image_ids = out[:, ids.shape[1] : ids.shape[1] + vocab.image_tokens].cpu()  # (B, N)
-    return vocab.ids_to_codes(image_ids)
+    new = out[:b, ids.shape[1] :].cpu()
+    if new.shape[1] < max_new_tokens:  # every row stopped early: pad to a fixed width
+        new = torch.cat([new, new.new_full((b, max_new_tokens - new.shape[1]), vocab.pad)], 1)
+    return new
+
+
+def generate_codes(model, vocab, prompt_ids: list[list[int]], params: SamplingParams) -> torch.Tensor:
+    """Joint-id prompts (each `<bos> text <boi>`) -> code grids (B, h, w)."""
+    new = generate_ids(model, vocab, prompt_ids, params, vocab.image_tokens + 2, SegmentGrammar(vocab))
+    return vocab.ids_to_codes(new[:, : vocab.image_tokens])  # (B, N) image ids -> (B, h, w)
 
 
 @torch.no_grad()

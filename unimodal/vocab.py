@@ -6,7 +6,12 @@ Layout of the joint id space (V = text_size + image_size + 5):
     [text_size, text_size + image_size)     image codes, shifted by text_size
     then <bos> <boi> <eoi> <eos> <pad>
 
-A text-to-image sequence is `<bos> text... <boi> code x N <eoi> <eos>`.
+A text-to-image sequence is `<bos> text... <boi> code x N <eoi> <eos>`. With `image_to_text` the
+layout also has the other order, `<bos> <boi> code x N <eoi> text... <eos>` (captioning). The two
+orders share `<bos> <boi>`: the rule (enforced by the grammar) is that a caption comes at most once,
+before the image or after it, so an image with no text before it may be followed by one. The empty
+caption of classifier-free guidance, `<bos> <boi> codes <eoi> <eos>`, is the same image with no
+caption after it either.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ class JointVocab:
     image_size: int  # codebook size K of the image tokenizer
     image_grid: tuple[int, int]  # (h, w) of the code grid; N = h * w image tokens per image
     max_text_tokens: int = 32  # text budget per caption; longer captions are truncated
+    image_to_text: bool = False  # the layout also has `<bos> <boi> codes <eoi> text <eos>` (captioning)
 
     def __post_init__(self):
         object.__setattr__(self, "image_grid", tuple(self.image_grid))
@@ -95,8 +101,21 @@ class JointVocab:
         """The prefix that asks for an image: `<bos> text <boi>`."""
         return [self.bos, *self.truncate_text(text_ids), self.boi]
 
+    def image_to_text_sequence(self, text_ids: list[int], codes: torch.Tensor) -> list[int]:
+        """`<bos> <boi> codes <eoi> text <eos>` as a list of joint ids (the captioning order)."""
+        image = self.codes_to_ids(codes).tolist()
+        return [self.bos, self.boi, *image, self.eoi, *self.truncate_text(text_ids), self.eos]
+
+    def caption_prompt(self, codes: torch.Tensor) -> list[int]:
+        """The prefix that asks for a caption: `<bos> <boi> codes <eoi>`."""
+        return [self.bos, self.boi, *self.codes_to_ids(codes).tolist(), self.eoi]
+
+    def unconditional_prompt(self) -> list[int]:
+        """The empty caption (classifier-free guidance's null condition): `<bos> <boi>`."""
+        return [self.bos, self.boi]
+
     def split_sequence(self, ids: list[int]) -> tuple[list[int], list[int]]:
-        """A text-to-image sequence -> (text ids, local image codes); specials and padding dropped."""
+        """A sequence in either order -> (text ids, local image codes); specials and padding dropped."""
         text = [i for i in ids if i < self.text_size]
         codes = [i - self.image_offset for i in ids if self.image_offset <= i < self.special_offset]
         return text, codes
@@ -111,7 +130,10 @@ class JointVocab:
 
     @classmethod
     def from_dict(cls, d: dict) -> JointVocab:
-        return cls(d["text_size"], d["image_size"], tuple(d["image_grid"]), d.get("max_text_tokens", 32))
+        return cls(
+            d["text_size"], d["image_size"], tuple(d["image_grid"]), d.get("max_text_tokens", 32),
+            d.get("image_to_text", False),
+        )  # fmt: skip
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / VOCAB_FILE

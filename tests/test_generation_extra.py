@@ -1,0 +1,197 @@
+"""Issue 5: classifier-free guidance, sampling controls, image -> text, caches, reranking."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from transformers import LogitsProcessorList
+
+from unimodal.bundle import Bundle
+from unimodal.caption import caption_images, parse_caption
+from unimodal.grammar import CAPTION_START, END, GrammarLogitsProcessor, SegmentGrammar
+from unimodal.model import TransformerConfig, build_transformer
+from unimodal.rerank import ContrastiveScorer, RerankerConfig, load_or_train_reranker, rerank
+from unimodal.sampling import SamplingParams, generate_codes, generate_ids, left_pad
+from unimodal.vocab import JointVocab
+
+VOCAB = JointVocab(text_size=50, image_size=20, image_grid=(3, 3), max_text_tokens=6, image_to_text=True)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_transformer(TransformerConfig(n_layers=2, d_model=32, n_heads=2, ffn_hidden=64), VOCAB).eval()
+
+
+def _prompts():
+    v = VOCAB
+    return [v.prompt([1, 2, 3]), v.prompt([4]), v.prompt([5, 6, 7, 8, 9]), v.prompt([])]  # left padding needed
+
+
+@pytest.mark.parametrize("scale", [0.0, 3.0, 7.5])
+def test_doubled_batch_cfg_equals_the_transformers_guidance_path(model, scale):
+    v = VOCAB
+    rows = _prompts()
+    mine = generate_codes(model, v, rows, SamplingParams(greedy=True, cfg_scale=scale))
+    ids, mask = left_pad(rows, v.pad)
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, guidance_scale=scale,
+        negative_prompt_ids=torch.tensor([v.unconditional_prompt()] * len(rows)),
+        do_sample=False, max_new_tokens=v.image_tokens + 2, pad_token_id=v.pad, eos_token_id=v.eos,
+        logits_processor=LogitsProcessorList([GrammarLogitsProcessor(SegmentGrammar(v))]),
+    )  # fmt: skip
+    assert torch.equal(mine, v.ids_to_codes(out[:, ids.shape[1] : ids.shape[1] + v.image_tokens]))
+    if scale == 7.5:  # guidance changes something, or the comparison above proves nothing
+        assert not torch.equal(mine, generate_codes(model, v, rows, SamplingParams(greedy=True)))
+
+
+def test_cfg_sampling_is_seeded_and_well_formed(model):
+    v, g = VOCAB, SegmentGrammar(VOCAB)
+    params = SamplingParams(seed=5, cfg_scale=3.0, temperature=1.5, top_k=8, top_p=0.95)
+    prompts = _prompts()[:3] * 8  # with a caption: the grammar ends the row with <eoi> <eos>
+    torch.manual_seed(5)
+    a = generate_ids(model, v, prompts, params, v.image_tokens + 2, g)
+    torch.manual_seed(5)
+    b = generate_ids(model, v, prompts, params, v.image_tokens + 2, g)
+    assert torch.equal(a, b) and len({tuple(r) for r in a.tolist()}) > 1
+    for prompt, new in zip(prompts, a.tolist()):
+        assert g.is_valid(prompt + new[: new.index(v.eos) + 1])
+
+
+@pytest.mark.parametrize("use_cfg", [False, True])
+def test_uncached_dynamic_and_static_cache_greedy_outputs_identical(model, use_cfg):
+    scale = 2.0 if use_cfg else 1.0
+    outs = [
+        generate_codes(model, VOCAB, _prompts(), SamplingParams(greedy=True, cfg_scale=scale, **kw))
+        for kw in ({"use_cache": False}, {"cache": "dynamic"}, {"cache": "static"})
+    ]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"temperature": 0}, "temperature must be"),
+        ({"temperature": float("nan")}, "temperature must be"),
+        ({"top_k": 0}, "top_k must be a positive integer"),
+        ({"top_k": 2.5}, "top_k must be a positive integer"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ({"images_per_prompt": 0}, "images_per_prompt must be"),
+        ({"batch_size": -1}, "batch_size must be"),
+        ({"seed": -3}, "seed must be"),
+        ({"cfg_scale": -1.0}, "cfg_scale must be"),
+        ({"cfg_scale": float("inf")}, "cfg_scale must be"),
+        ({"cache": "paged"}, "cache must be one of"),
+        ({"compile": True}, "compile needs cache='static'"),
+        ({"use_cache": False, "cache": "static"}, "need use_cache=True"),
+    ],
+)
+def test_invalid_sampling_parameters_give_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_cli_rejects_bad_cfg_scale_in_one_line(trained, capsys):
+    from unimodal.cli import main
+
+    assert main(["sample", "--bundle", str(trained["bundle"]), "--prompt", "a red circle", "--cfg-scale", "-2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("unimodal sample: error: cfg_scale must be") and "\n" not in err
+
+
+def test_both_orders_obey_the_grammar_and_t2i_only_vocab_is_unchanged():
+    v, g = VOCAB, SegmentGrammar(VOCAB)
+    codes = torch.arange(9).view(3, 3)
+    t2i, i2t = v.text_to_image_sequence([1, 2], codes), v.image_to_text_sequence([3, 4], codes)
+    assert g.is_valid(t2i) and g.is_valid(i2t) and g.is_valid(v.text_to_image_sequence([], codes))
+    assert not g.is_valid(t2i[:-1] + [7, v.eos])  # a caption after the image when one came before
+    assert g.states(torch.tensor([v.caption_prompt(codes)]))[0, -1] == CAPTION_START
+    assert not SegmentGrammar(v, require_caption=True).is_valid(v.text_to_image_sequence([], codes))
+    old = SegmentGrammar(replace(v, image_to_text=False))
+    assert old.states(torch.tensor([v.caption_prompt(codes)]))[0, -1] == END and not old.is_valid(i2t)
+    assert v.split_sequence(i2t) == ([3, 4], codes.flatten().tolist())
+    with pytest.raises(ValueError, match="image_to_text"):
+        SegmentGrammar(replace(v, image_to_text=False), require_caption=True)
+
+
+def test_untrained_model_sampling_both_orders_stays_in_the_grammar(model):
+    """From <bos> alone the model picks the order; from an image prompt it must caption."""
+    torch.manual_seed(0)
+    v, g = VOCAB, SegmentGrammar(VOCAB)
+    free = generate_ids(model, v, [[v.bos]] * 96, SamplingParams(temperature=3.0), v.max_sequence_length, g)
+    orders = set()
+    for row in free.tolist():
+        seq = [v.bos, *row[: row.index(v.eos) + 1]]
+        assert g.is_valid(seq), seq
+        orders.add("i2t" if seq[1] == v.boi and seq[-2] != v.eoi else "t2i")
+    assert orders == {"t2i", "i2t"}
+    caption_grammar = SegmentGrammar(v, require_caption=True)
+    prompts = [v.caption_prompt(torch.randint(0, 20, (3, 3))) for _ in range(32)]
+    new = generate_ids(model, v, prompts, SamplingParams(temperature=3.0), v.max_text_tokens + 1, caption_grammar)
+    for prompt, row in zip(prompts, new.tolist()):
+        seq = prompt + row[: row.index(v.eos) + 1]
+        assert caption_grammar.is_valid(seq) and 1 <= len(v.split_sequence(seq)[0]) <= v.max_text_tokens
+
+
+def test_caption_pipeline_and_parser(bundle):
+    with pytest.raises(ValueError, match="i2t_fraction"):
+        caption_images(bundle, torch.zeros(1, 3, 32, 32))
+    both = Bundle(bundle.text_tokenizer, bundle.image_tokenizer, replace(bundle.vocab, image_to_text=True),
+                  bundle.transformer)  # fmt: skip
+    r = bundle.image_tokenizer.config.resolution
+    captions = caption_images(both, torch.rand(3, 3, r, r) * 2 - 1, SamplingParams(seed=0))
+    assert len(captions) == 3 and all(isinstance(c, str) and c for c in captions)
+    parsed = parse_caption("a large red circle at the top left and blue square, bottom right, small")
+    assert parsed == {"colors": ["red", "blue"], "shapes": ["circle", "square"], "sizes": ["large", "small"],
+                      "positions": ["top left", "bottom right"]}  # fmt: skip
+    assert parse_caption("a red thing") == {"colors": [], "shapes": [], "sizes": [], "positions": []}
+
+
+def test_caption_dropout_and_i2t_mix_depend_only_on_seed_and_batch_index(trained):
+    from unimodal.datamodules import SequenceDataModule
+
+    def dm(**kw):
+        return SequenceDataModule(str(trained["tokenizer"]), str(trained["root"] / "text_tokenizer"), **kw)
+
+    plain, mixed = dm(), dm(caption_dropout=0.3, i2t_fraction=0.3, mix_seed=1)
+    assert not plain.vocab.image_to_text and mixed.vocab.image_to_text
+    v, g = mixed.vocab, SegmentGrammar(mixed.vocab)
+    codes = torch.randint(0, v.image_size, (64, *v.image_grid))
+    batch = mixed._collate([{"input_ids": v.text_to_image_sequence([1, 2, 3], c)} for c in codes])
+    assert plain.mix(batch, 0) is batch  # defaults: the batch is untouched
+    a, b, c = mixed.mix(batch, 7), mixed.mix(batch, 7), mixed.mix(batch, 8)
+    assert torch.equal(a["input_ids"], b["input_ids"]) and not torch.equal(a["input_ids"], c["input_ids"])
+    kinds = []
+    for ids, mask in zip(a["input_ids"], a["attention_mask"]):
+        seq = ids[mask.bool()].tolist()
+        assert g.is_valid(seq)
+        kinds.append("i2t" if seq[1] == v.boi and seq[-2] != v.eoi else "null" if seq[1] == v.boi else "t2i")
+    assert {"i2t", "null", "t2i"} == set(kinds)
+    # in a fit, the hook keys the mix by the loop's batch counter, and leaves validation batches alone
+    from types import SimpleNamespace
+
+    progress = SimpleNamespace(total=SimpleNamespace(ready=7))
+    mixed.trainer = SimpleNamespace(training=True, fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(
+        batch_progress=progress)))  # fmt: skip
+    assert torch.equal(mixed.on_before_batch_transfer(batch, 0)["input_ids"], a["input_ids"])
+    mixed.trainer.training = False
+    assert mixed.on_before_batch_transfer(batch, 0) is batch
+    with pytest.raises(ValueError, match="caption_dropout must be in"):
+        dm(caption_dropout=1.0)
+
+
+def test_rerank_keeps_the_best_scored_candidates(tmp_path, bundle):
+    config = RerankerConfig(text_size=bundle.vocab.text_size, train_pairs=256, epochs=1, batch_size=64, dim=32)
+    scorer = load_or_train_reranker(tmp_path, config, bundle.text_tokenizer)
+    again = load_or_train_reranker(tmp_path, config, bundle.text_tokenizer)  # cached: same weights
+    assert all(torch.equal(p, q) for p, q in zip(scorer.state_dict().values(), again.state_dict().values()))
+    images = torch.rand(2 * 4, 3, 32, 32) * 2 - 1
+    ids = bundle.text_tokenizer.encode_batch(["a red circle at the top left", "blue square, bottom right"])
+    kept, best = rerank(scorer, images, ids, candidates=4, keep=2)
+    scores = scorer.score(images, [i for i in ids for _ in range(4)]).view(2, 4)
+    assert kept.shape == (4, 3, 32, 32) and torch.equal(best, scores.topk(2, dim=1).indices)
+    assert torch.equal(kept[0], images[best[0, 0]]) and torch.equal(kept[2], images[4 + best[1, 0]])
+    with pytest.raises(ValueError, match="keep must be in"):
+        rerank(scorer, images, ids, candidates=4, keep=5)
+    assert isinstance(scorer, ContrastiveScorer)

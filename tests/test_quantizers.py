@@ -1,0 +1,165 @@
+"""The quantizer family: one interface, round trips, gradients, Gumbel's hard limit, dead-code restart,
+SSIM, the adversarial loss path, the reconstruct command and the throughput benchmark."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from unimodal.cli import main as cli_main
+from unimodal.image_tokenizer import ImageTokenizer, ImageTokenizerConfig, ssim
+from unimodal.lit import TokenizerModule
+from unimodal.quantizers import QUANTIZERS, GumbelQuantizer, VectorQuantizer
+
+SMALL = dict(resolution=16, channels=8, channel_mult=[2, 4], code_dim=16)
+
+
+def small_config(quantizer: str, **extra) -> ImageTokenizerConfig:
+    k = 8 * 8 * 4 * 4 if quantizer == "fsq" else 32
+    return ImageTokenizerConfig(**SMALL, codebook_size=k, quantizer=quantizer, **extra)
+
+
+@pytest.mark.parametrize("quantizer", QUANTIZERS)
+def test_every_variant_round_trips_shapes_dtypes_and_save_load(quantizer, tmp_path):
+    torch.manual_seed(0)
+    tok = ImageTokenizer(small_config(quantizer))
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    tok.train()
+    recon, q = tok(images)  # training pass (initialises data-dependent codebooks)
+    assert recon.shape == images.shape and q.z_q.shape == (3, 16, 4, 4) and q.loss.dim() == 0
+    assert q.codes.shape == (3, 4, 4) and q.codes.dtype == torch.int64
+    tok.eval()
+    codes = tok.encode(images)
+    assert codes.shape == (3, 4, 4) and codes.dtype == torch.int64
+    assert 0 <= int(codes.min()) and int(codes.max()) < tok.codebook_size
+    assert torch.equal(tok(images)[1].codes, codes)  # encode == the eval forward pass
+    decoded = tok.decode(codes)
+    assert decoded.shape == images.shape and decoded.dtype == torch.float32
+    assert torch.allclose(decoded, tok(images)[0].clamp(-1, 1), atol=1e-5)  # decode(encode) == the forward pass
+    loaded = ImageTokenizer.from_pretrained(tok.save_pretrained(tmp_path / quantizer))
+    assert torch.equal(loaded.encode(images), codes) and torch.equal(loaded.decode(codes), decoded)
+
+
+@pytest.mark.parametrize("quantizer", QUANTIZERS)
+def test_gradients_reach_the_encoder(quantizer):
+    torch.manual_seed(0)
+    tok = ImageTokenizer(small_config(quantizer)).train()
+    tok.quantizer.set_step(5)
+    images = torch.rand(4, 3, 16, 16) * 2 - 1
+    recon, q = tok(images)
+    (torch.nn.functional.mse_loss(recon, images) + q.loss).backward()
+    for p in (tok.encoder.net[0].weight, tok.encoder.net[-1].weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_ema_codebook_moves_without_gradients():
+    torch.manual_seed(0)
+    tok = ImageTokenizer(small_config("ema")).train()
+    images = torch.rand(4, 3, 16, 16) * 2 - 1
+    tok(images)
+    before = tok.quantizer.codebook.weight.clone()
+    tok(images)
+    assert not tok.quantizer.codebook.weight.requires_grad
+    assert not torch.allclose(before, tok.quantizer.codebook.weight)
+
+
+def test_gumbel_at_low_temperature_is_the_hard_argmax():
+    torch.manual_seed(0)
+    quantizer = GumbelQuantizer(codebook_size=16, code_dim=8, temperature=(1.0, 1e-4), anneal_steps=10).train()
+    z = torch.randn(2, 8, 4, 4)
+    quantizer.set_step(10)  # end of the schedule
+    assert quantizer.temperature == pytest.approx(1e-4)
+    out = quantizer(z)
+    assert torch.allclose(out.z_q, quantizer.lookup(out.codes), atol=1e-4)  # the relaxed sample is one code
+    quantizer.set_step(0)
+    hot = quantizer(z)
+    assert not torch.allclose(hot.z_q, quantizer.lookup(hot.codes), atol=1e-4)  # at T=1 it is a mixture
+    quantizer.eval()
+    assert torch.equal(quantizer(z).codes, quantizer.to_logits(z).argmax(1))  # inference: argmax, no noise
+    assert torch.equal(quantizer.encode(z), quantizer.to_logits(z).argmax(1))
+
+
+def test_restart_revives_dead_codes():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(codebook_size=16, code_dim=4, restart_window=2).train()
+    with torch.no_grad():  # codes 8..15 sit far from the data, so they are never picked
+        vq.codebook.weight.copy_(torch.cat([torch.randn(8, 4) * 0.1, torch.full((8, 4), 100.0)]))
+    vq.initialized.fill_(True)
+    z = torch.randn(2, 4, 8, 8) * 0.1
+    restarted = [vq(z).stats["restarted_codes"] for _ in range(3)]
+    assert restarted[0] == 0 and sum(restarted) >= 8  # dead after `restart_window` unused steps, then re-seeded
+    used = torch.unique(vq.encode(z))
+    assert (used >= 8).any(), "re-seeded codes should now win some positions"
+    assert vq.codebook.weight.abs().max() < 10  # none left at the far-away init
+
+    no_restart = VectorQuantizer(codebook_size=16, code_dim=4).train()
+    no_restart.load_state_dict(vq.state_dict() | {"codebook.weight": torch.full((16, 4), 100.0)}, strict=False)
+    assert no_restart(z).stats == {}
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (dict(quantizer="fsq", codebook_size=1000), "fsq_levels"),
+        (dict(quantizer="gumbel", restart_window=10), "restart_window"),
+        (dict(quantizer="nope"), "unknown quantizer"),
+        (dict(gumbel_temperature=[0.1, 1.0]), "gumbel_temperature"),
+    ],
+)
+def test_bad_quantizer_settings_are_clear_errors(extra, message):
+    with pytest.raises(ValueError, match=message):
+        ImageTokenizerConfig(**{**SMALL, **extra})
+
+
+def test_ssim_sanity():
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.allclose(ssim(x, x), torch.ones(2), atol=1e-5)
+    slightly = ssim(x, x + 0.05 * torch.randn_like(x))
+    very = ssim(x, x + 0.5 * torch.randn_like(x))
+    assert (very < slightly).all() and (slightly < 1).all()
+    assert torch.allclose(ssim(x, x.flip(0)), ssim(x.flip(0), x), atol=1e-6)  # symmetric
+
+
+def test_adversarial_training_updates_generator_and_discriminator():
+    torch.manual_seed(0)
+    module = TokenizerModule(small_config("vq"), adversarial_weight=0.5, adversarial_start=1, warmup_steps=1)
+    disc_before = [p.clone() for p in module.discriminator.parameters()]
+    images = torch.rand(32, 3, 16, 16) * 2 - 1
+    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+    trainer.fit(module, DataLoader(images, batch_size=8))
+    assert trainer.global_step == 3  # one optimizer step per batch, GAN or not
+    assert any(not torch.equal(a, b) for a, b in zip(disc_before, module.discriminator.parameters()))
+    assert "train/d_loss" in trainer.callback_metrics and "train/adv_weight" in trainer.callback_metrics
+
+
+def test_reconstruct_command_writes_a_grid(tmp_path, capsys):
+    tok_dir = ImageTokenizer(small_config("fsq")).save_pretrained(tmp_path / "tok")
+    paths = []
+    for i, (mode, size) in enumerate([("RGB", (40, 30)), ("L", (16, 16)), ("RGBA", (64, 80))]):
+        path = tmp_path / f"im{i}.png"
+        Image.new(mode, size, 120).save(path)
+        paths.append(str(path))
+    out = tmp_path / "grid.png"
+    assert cli_main(["reconstruct", "--tokenizer", str(tok_dir), "--images", *paths, "--out", str(out)]) == 0
+    assert Image.open(out).size == (3 * 128, 2 * 128)  # originals above, reconstructions below
+    assert "PSNR" in capsys.readouterr().out
+    assert cli_main(["reconstruct", "--tokenizer", str(tok_dir), "--images", str(tmp_path / "missing.png")]) == 2
+    assert "error: no image file" in capsys.readouterr().err
+
+
+def test_tokenizer_benchmark_reports_every_batch_size(tmp_path, monkeypatch):
+    from unimodal.bench import tokenizer as bench
+
+    monkeypatch.setattr(bench, "measured_peak_flops", lambda device: 1e9)  # the 2048^3 matmuls take seconds here
+    out = tmp_path / "bench.json"
+    assert bench.main(["--variants", "fsq", "vq", "--batch-sizes", "1", "4", "--repeats", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["quantizer"], r["batch"]) for r in rows] == [("fsq", 1), ("fsq", 4), ("vq", 1), ("vq", 4)]
+    assert all(r["encode img/s"] > 0 and r["decode img/s"] > 0 for r in rows)

@@ -1,0 +1,128 @@
+"""`python -m unimodal.bench sample`: text-to-image sampling speed, one run, one model.
+
+For each cache mode - (a) `none`: full recomputation every step, (b) `dynamic`: the library's
+growing KV cache, (c) `static`: the library's preallocated cache (+ `static+compile`: torch.compile
+of the forward, where the device supports it) - and each batch size, it times `generate_codes`
+(the same path `unimodal sample` uses, grammar processor included) and reports images/s, new
+tokens/s, and MFU against this machine's matmul peak measured in the same run.
+
+MFU counts useful FLOPs only: per generated token 2 * (non-embedding params + lm-head params)
+plus the attention term 4 * layers * d_model * context; full recomputation does far more work
+than that, which is exactly what its low MFU shows.
+
+    python -m unimodal.bench sample                       # fresh default-size model, 8x8 codes
+    python -m unimodal.bench sample --grid 16             # 256-token images
+    python -m unimodal.bench sample --bundle runs/x/export
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from ..model import TransformerConfig, build_transformer
+from ..sampling import SamplingParams, generate_codes
+from ..vocab import JointVocab
+from .common import measured_peak_flops, print_table, time_it
+
+MODES = {
+    "none": {"use_cache": False},
+    "dynamic": {"cache": "dynamic"},
+    "static": {"cache": "static"},
+    "static+compile": {"cache": "static", "compile": True},
+}
+
+
+def flops_per_token(model, vocab: JointVocab, prompt_len: int) -> float:
+    """Useful inference FLOPs per generated token (forward only), averaged over the image."""
+    cfg = model.config
+    embed = model.get_input_embeddings().weight.numel()
+    dense = sum(p.numel() for p in model.parameters()) - embed  # tied head: the table is counted once
+    head = cfg.vocab_size * cfg.hidden_size
+    context = prompt_len + vocab.image_tokens / 2  # mean attended length while drawing the image
+    return 2 * (dense + head) + 4 * cfg.num_hidden_layers * cfg.hidden_size * context
+
+
+def _model(args):
+    if args.bundle:
+        from ..bundle import Bundle
+
+        bundle = Bundle.load(args.bundle, device=args.device)
+        prompt = bundle.vocab.prompt(bundle.text_tokenizer.encode("a large red circle at the top left"))
+        return bundle.transformer, bundle.vocab, prompt, f"bundle {args.bundle}"
+    vocab = JointVocab(text_size=1024, image_size=args.codebook, image_grid=(args.grid, args.grid))
+    torch.manual_seed(0)
+    model = build_transformer(TransformerConfig(), vocab).to(args.device).eval()
+    prompt = vocab.prompt(list(range(3, 3 + 12)))  # a 12-token caption
+    return model, vocab, prompt, f"fresh default TransformerConfig, {args.grid}x{args.grid} codes, K={args.codebook}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m unimodal.bench sample", description=__doc__.split("\n\n")[0])
+    p.add_argument("--bundle", default=None, help="a trained bundle (default: a freshly initialised model)")
+    p.add_argument("--grid", type=int, default=8, help="code grid side for the fresh model (16 = 256-token images)")
+    p.add_argument("--codebook", type=int, default=512, help="codebook size K for the fresh model")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 64], help="batch sizes (default 1 64)")
+    p.add_argument("--modes", nargs="+", default=None, choices=list(MODES),
+                   help="cache modes (default: none dynamic static, + static+compile on GPU; on CPU add it by "
+                        "hand: inductor compiles for minutes)")  # fmt: skip
+    p.add_argument("--skip", nargs="*", default=[], help="rows to leave out, as MODE@BATCH (e.g. none@64)")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per row after a warm-up call (median)")
+    p.add_argument(
+        "--slow-seconds",
+        type=float,
+        default=20.0,
+        help="a row whose first call takes longer is timed by that call alone (not compiled rows)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", default=None, help="also write the table here")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    modes = args.modes or ["none", "dynamic", "static"] + (["static+compile"] if args.device.startswith("cuda") else [])
+
+    model, vocab, prompt, what = _model(args)
+    peak = measured_peak_flops(args.device)
+    fpt = flops_per_token(model, vocab, len(prompt))
+    new_tokens = vocab.image_tokens + 2
+    print(f"model: {what}; {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params; "
+          f"{vocab.image_tokens} codes per image; measured peak {peak / 1e9:.1f} GFLOP/s; "
+          f"{fpt / 1e6:.2f} MFLOP per generated token; torch threads {torch.get_num_threads()}")  # fmt: skip
+
+    rows = []
+    for batch in args.batches:
+        for mode in modes:
+            if f"{mode}@{batch}" in args.skip:
+                continue
+            params = SamplingParams(seed=0, batch_size=batch, **MODES[mode])
+            prompts = [prompt] * batch
+
+            def run(params=params, prompts=prompts):
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(0)
+                    return generate_codes(model, vocab, prompts, params)
+
+            start = time.perf_counter()
+            run()  # warm-up (and compilation)
+            first = time.perf_counter() - start
+            # a slow row (full recomputation at large batch) is timed by its first call alone
+            slow = first > args.slow_seconds and mode != "static+compile"
+            seconds = first if slow else time_it(run, repeats=args.repeats, warmup=0, device=args.device)
+            images_s = batch / seconds
+            rows.append({
+                "cache": mode, "batch": batch, "images/s": images_s, "tokens/s": images_s * new_tokens,
+                "MFU": images_s * new_tokens * fpt / peak, "s/call": seconds, "first call s": first,
+            })  # fmt: skip
+    by = {(r["cache"], r["batch"]): r["images/s"] for r in rows}
+    for r in rows:
+        r["x vs none@same batch"] = r["images/s"] / by[("none", r["batch"])] if ("none", r["batch"]) in by else None
+        base = by.get((r["cache"], min(args.batches)))
+        r["x vs batch " + str(min(args.batches))] = r["images/s"] / base if base else None
+    print_table(
+        f"sampling speed ({what}, {args.device})", rows, args.json,
+        {"peak_flops": peak, "flops_per_token": fpt, "image_tokens": vocab.image_tokens},
+    )  # fmt: skip
+    return 0

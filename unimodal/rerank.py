@@ -1,0 +1,150 @@
+"""Reranking: a small CLIP-style image-text scorer, trained here on the training pairs.
+
+Generate N candidates per prompt, score each (image, prompt) pair by the cosine similarity of
+their embeddings, keep the best k (DALL-E's CLIP reranking, at the scale of the shapes world).
+The scorer reads pixels and the bundle's own BPE ids; it is trained once with a symmetric InfoNCE
+loss on the train split and cached next to the bundle, keyed by its config and the tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from .data import DataSource, ShapesConfig, images_to_tensor, load_pairs
+
+
+@dataclass
+class RerankerConfig:
+    resolution: int = 32
+    text_size: int = 1024  # BPE vocabulary size (ids past it are the padding id)
+    max_text_tokens: int = 32
+    dim: int = 128
+    text_layers: int = 2
+    train_pairs: int = 20000
+    epochs: int = 4
+    batch_size: int = 256
+    lr: float = 2e-3
+    seed: int = 1234
+    tokenizer_digest: str = ""  # which text tokenizer the ids come from: another one retrains
+
+
+class ContrastiveScorer(nn.Module):
+    def __init__(self, config: RerankerConfig):
+        super().__init__()
+        self.config = config
+        d = config.dim
+        self.image = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(), nn.Linear(64 * 16, d), nn.ReLU(), nn.Linear(d, d),
+        )  # fmt: skip  # position matters, so the 4x4 map is flattened, not pooled away
+        self.embed = nn.Embedding(config.text_size + 1, d, padding_idx=config.text_size)
+        self.position = nn.Parameter(torch.zeros(config.max_text_tokens, d))
+        layer = nn.TransformerEncoderLayer(d, 4, 2 * d, dropout=0.0, batch_first=True, norm_first=True)
+        self.text = nn.TransformerEncoder(layer, config.text_layers, enable_nested_tensor=False)
+        self.text_out = nn.Linear(d, d)
+        self.logit_scale = nn.Parameter(torch.tensor(2.659))  # log(1 / 0.07), as CLIP starts
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, R, R) in [-1, 1] -> unit embeddings (B, dim)."""
+        return F.normalize(self.image(images), dim=-1)
+
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        """Padded BPE ids (B, T) -> unit embeddings (B, dim), mean over the non-pad tokens."""
+        pad = ids == self.config.text_size
+        h = self.text(self.embed(ids) + self.position[: ids.shape[1]], src_key_padding_mask=pad)  # (B, T, d)
+        keep = (~pad).unsqueeze(-1).float()
+        return F.normalize(self.text_out((h * keep).sum(1) / keep.sum(1).clamp(min=1)), dim=-1)
+
+    def pad_text(self, token_lists: list[list[int]]) -> torch.Tensor:
+        t = self.config.max_text_tokens
+        ids = torch.full((len(token_lists), t), self.config.text_size, dtype=torch.long)
+        for i, tokens in enumerate(token_lists):
+            tokens = tokens[:t]
+            ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        return ids
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, token_lists: list[list[int]]) -> torch.Tensor:
+        """Cosine similarity of each image with its own caption: (B,)."""
+        self.eval()
+        return (self.encode_images(images) * self.encode_text(self.pad_text(token_lists))).sum(-1)
+
+
+def train_reranker(config: RerankerConfig, text_tokenizer, progress: bool = True) -> ContrastiveScorer:
+    torch.manual_seed(config.seed)
+    shapes = ShapesConfig(resolution=config.resolution, train_size=config.train_pairs)
+    ds = load_pairs(DataSource(name="shapes", shapes=shapes), "train")
+    images = images_to_tensor(ds["image"], config.resolution)
+    model = ContrastiveScorer(config)
+    texts = model.pad_text(text_tokenizer.encode_batch(ds["text"]))
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
+    steps = config.epochs * (len(ds) // config.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=steps)
+    model.train()
+    for _ in tqdm(range(steps), desc="training reranker", disable=not progress):
+        idx = torch.randint(0, len(ds), (config.batch_size,))
+        x = images[idx] + 0.05 * torch.randn_like(images[idx])  # generated images are not pixel-perfect
+        logits = model.logit_scale.exp().clamp(max=100) * model.encode_images(x) @ model.encode_text(texts[idx]).T
+        target = torch.arange(len(idx))
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model.eval()
+
+
+def load_or_train_reranker(directory: str | Path, config: RerankerConfig, text_tokenizer) -> ContrastiveScorer:
+    """Trained once per config (and text tokenizer) and cached in `directory`, like the judge."""
+    directory = Path(directory)
+    cfg_file, weights = directory / "config.json", directory / "model.safetensors"
+    if cfg_file.is_file() and weights.is_file() and json.loads(cfg_file.read_text()) == asdict(config):
+        model = ContrastiveScorer(config)
+        model.load_state_dict(load_file(str(weights)))
+        return model.eval()
+    model = train_reranker(config, text_tokenizer)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(model.state_dict(), str(weights))
+    cfg_file.write_text(json.dumps(asdict(config), indent=2))
+    return model
+
+
+def reranker_for(bundle, directory: str | Path, **overrides) -> ContrastiveScorer:
+    """The scorer for a bundle's resolution and text tokenizer (cached in `directory`)."""
+    import hashlib
+
+    tokenizer_json = bundle.text_tokenizer.tokenizer.to_str()
+    config = RerankerConfig(
+        resolution=bundle.image_tokenizer.config.resolution,
+        text_size=bundle.vocab.text_size,
+        max_text_tokens=bundle.vocab.max_text_tokens,
+        tokenizer_digest=hashlib.sha256(tokenizer_json.encode()).hexdigest()[:16],
+        **overrides,
+    )
+    return load_or_train_reranker(directory, config, bundle.text_tokenizer)
+
+
+def rerank(
+    scorer: ContrastiveScorer, images: torch.Tensor, prompts_ids: list[list[int]], candidates: int, keep: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (P * N, 3, H, W) grouped by prompt (N candidates each) -> the best `keep` per prompt
+    (P * keep, 3, H, W), best first, and the chosen candidate indices (P, keep)."""
+    if not 1 <= keep <= candidates:
+        raise ValueError(f"keep must be in 1..{candidates} (the number of candidates), got {keep}")
+    if images.shape[0] != len(prompts_ids) * candidates:
+        raise ValueError(f"expected {len(prompts_ids)} prompts x {candidates} candidates, got {images.shape[0]} images")
+    repeated = [ids for ids in prompts_ids for _ in range(candidates)]
+    scores = scorer.score(images, repeated).view(len(prompts_ids), candidates)  # (P, N)
+    best = scores.topk(keep, dim=1).indices  # (P, keep)
+    flat = (best + torch.arange(len(prompts_ids)).unsqueeze(1) * candidates).flatten()
+    return images[flat], best
