@@ -172,7 +172,9 @@ def test_fuzz_prompts_and_sampling_parameters(bundle):
             params = SamplingParams(seed=i, **kw)
         except ValueError as err:
             refused += 1
-            assert any(name in str(err) for name in ("temperature", "top_k", "top_p", "images_per_prompt")), err
+            assert any(
+                name in str(err) for name in ("temperature", "top_k", "top_p", "images_per_prompt", "batch_size")
+            ), err
             continue
         images = bundle.generate(prompts, params)
         assert images.shape == (2 * params.images_per_prompt, 3, r, r) and torch.isfinite(images).all()

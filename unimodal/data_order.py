@@ -60,6 +60,18 @@ class EpochSampler(Sampler[int]):
         return self.batches_per_epoch * self.batch_size
 
 
+class _PositionedLoader(DataLoader):
+    """A DataLoader Lightning treats as resumable: its position lives in the DataModule's checkpoint
+    state (`ResumableData.state_dict`), which knows how many batches training consumed, unlike the
+    loader, which is read ahead by Lightning's prefetching."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict):
+        pass
+
+
 class ResumableData:
     """Mixin for LightningDataModules: exact, distributed-aware training order and its checkpoint state."""
 
@@ -85,7 +97,7 @@ class ResumableData:
         if self._resume is not None:
             sampler.resume(*self._resume)
             self._resume = None
-        return DataLoader(
+        return _PositionedLoader(
             dataset,
             batch_size=batch_size,
             sampler=sampler,
