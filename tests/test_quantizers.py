@@ -102,6 +102,19 @@ def test_restart_revives_dead_codes():
     assert no_restart(z).stats == {}
 
 
+@pytest.mark.parametrize("quantizer", ["vq", "ema", "l2"])
+def test_restart_during_training_keeps_autograd_intact(quantizer):
+    torch.manual_seed(0)
+    tok = ImageTokenizer(small_config(quantizer, restart_window=1)).train()
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    restarted = 0.0
+    for _ in range(3):  # 32 codes, 32 positions: some codes go unused every step and are re-seeded
+        recon, q = tok(images)
+        (torch.nn.functional.mse_loss(recon, images) + q.loss).backward()
+        restarted += q.stats["restarted_codes"]
+    assert restarted > 0
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

@@ -122,11 +122,11 @@ class VectorQuantizer(Quantizer):
             self._seed_codes(torch.arange(self.codebook.num_embeddings), self._random_rows(flat.detach(), len(self)))
             self.initialized.fill_(True)
         codes = self.nearest(flat.detach())
-        q = self._weights()[codes]  # (B*h*w, d)
-        loss = self._codebook_loss(flat, q, codes) + self.beta * F.mse_loss(flat, q.detach())
         stats = {}
-        if self.training and self.restart_window > 0:
+        if self.training and self.restart_window > 0:  # before the lookup: autograd must see the final codebook
             stats["restarted_codes"] = float(self._restart_dead(flat.detach(), codes))
+        q = self._weights()[codes]  # (B*h*w, d); restarted codes are unused in this batch, so q is unchanged
+        loss = self._codebook_loss(flat, q, codes) + self.beta * F.mse_loss(flat, q.detach())
         q = flat + (q - flat).detach()  # straight-through
         return QuantizerOutput(z_q=self._unproject(_from_flat(q, b, h, w)), codes=codes.view(b, h, w),
                                loss=loss, stats=stats)  # fmt: skip
