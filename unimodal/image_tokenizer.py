@@ -197,7 +197,14 @@ class ImageTokenizer(nn.Module):
                     "train one with `unimodal tokenizer fit --config ...`."
                 )
         model = cls(load_config(directory))
-        model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
+        missing, unexpected = model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=False)
+        # exports made before dead-code restart existed lack its step counters: they start at zero
+        missing = [k for k in missing if not k.endswith("unused_steps")]
+        if missing or unexpected:
+            raise ValueError(
+                f"{directory} does not match its config.json (missing {missing[:3]}, unexpected {unexpected[:3]}); "
+                "re-export it with `unimodal tokenizer fit`."
+            )
         return model.eval()
 
 
