@@ -73,7 +73,9 @@ class _PositionedLoader(DataLoader):
 
 
 class ResumableData:
-    """Mixin for LightningDataModules: exact, distributed-aware training order and its checkpoint state."""
+    """Mixin for LightningDataModules: exact, distributed-aware training order and its checkpoint state,
+    and both loaders. The data module provides `train_set`/`train_stream`, `val_set`, `batch_size`,
+    `num_workers`, `_collate` and `_stream_item`."""
 
     seed: int = 0
     streaming: bool = False
@@ -106,6 +108,19 @@ class ResumableData:
             persistent_workers=num_workers > 0,
             drop_last=True,
         )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.streaming:
+            return self.streaming_loader(
+                self.train_stream, self._stream_item, self.batch_size, self.num_workers, self._collate
+            )
+        return self.resumable_loader(self.train_set, self.batch_size, self.num_workers, self._collate)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.val_set, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=self._collate,
+            persistent_workers=self.num_workers > 0,
+        )  # fmt: skip
 
     def state_dict(self) -> dict:
         """Where training is in the data: epoch and batches already used in it (primitives only)."""

@@ -16,7 +16,6 @@ from pathlib import Path
 import datasets
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
 
 from .data import DataSource, decode_or_skip, image_to_tensor, load_pairs
 from .data_order import ResumableData
@@ -25,12 +24,6 @@ from .text_tokenizer import TOKENIZER_FILE, TextTokenizer
 from .vocab import JointVocab
 
 log = logging.getLogger(__name__)
-
-
-def _val_loader(ds, batch_size: int, num_workers: int, collate_fn) -> DataLoader:
-    return DataLoader(
-        ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn, persistent_workers=num_workers > 0
-    )
 
 
 class ImageDataModule(ResumableData, L.LightningDataModule):
@@ -108,16 +101,6 @@ class ImageDataModule(ResumableData, L.LightningDataModule):
     def _collate(rows: list[dict]) -> torch.Tensor:
         """uint8 (B, 3, R, R) -> float in [-1, 1]."""
         return torch.stack([r["pixels"] for r in rows]).float().div(127.5).sub(1.0)
-
-    def train_dataloader(self):
-        if self.streaming:
-            return self.streaming_loader(
-                self.train_stream, self._stream_item, self.batch_size, self.num_workers, self._collate
-            )
-        return self.resumable_loader(self.train_set, self.batch_size, self.num_workers, self._collate)
-
-    def val_dataloader(self):
-        return _val_loader(self.val_set, self.batch_size, self.num_workers, self._collate)
 
 
 class _PixelTensor(torch.utils.data.Dataset):
@@ -332,16 +315,6 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
         if trainer is None or not trainer.training:
             return batch
         return self.mix(batch, trainer.fit_loop.epoch_loop.batch_progress.total.ready)
-
-    def train_dataloader(self):
-        if self.streaming:
-            return self.streaming_loader(
-                self.train_stream, self._stream_item, self.batch_size, self.num_workers, self._collate
-            )
-        return self.resumable_loader(self.train_set, self.batch_size, self.num_workers, self._collate)
-
-    def val_dataloader(self):
-        return _val_loader(self.val_set, self.batch_size, self.num_workers, self._collate)
 
     def image_unigram_loss(self) -> float | None:
         """Cross-entropy (nats) of the val image codes under the train codes' unigram distribution:

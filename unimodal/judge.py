@@ -105,16 +105,22 @@ def train_judge(config: JudgeConfig, progress: bool = True) -> Judge:
     return judge.eval()
 
 
-def load_or_train_judge(directory: str | Path, config: JudgeConfig) -> Judge:
-    """Trained once per (resolution, background, ...) and cached in `directory`."""
+def load_or_train(directory: str | Path, config, model_class, train) -> nn.Module:
+    """A small evaluation model trained once per config and cached in `directory` (config.json +
+    model.safetensors); `train()` builds and trains it when the cache is missing or stale."""
     directory = Path(directory)
     cfg_file, weights = directory / "config.json", directory / "model.safetensors"
     if cfg_file.is_file() and weights.is_file() and json.loads(cfg_file.read_text()) == asdict(config):
-        judge = Judge(config)
-        judge.load_state_dict(load_file(str(weights)))
-        return judge.eval()
-    judge = train_judge(config)
+        model = model_class(config)
+        model.load_state_dict(load_file(str(weights)))
+        return model.eval()
+    model = train()
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(judge.state_dict(), str(weights))
+    save_file(model.state_dict(), str(weights))
     cfg_file.write_text(json.dumps(asdict(config), indent=2))
-    return judge
+    return model.eval()
+
+
+def load_or_train_judge(directory: str | Path, config: JudgeConfig) -> Judge:
+    """Trained once per (resolution, background, ...) and cached in `directory`."""
+    return load_or_train(directory, config, Judge, lambda: train_judge(config))

@@ -8,17 +8,16 @@ loss on the train split and cached next to the bundle, keyed by its config and t
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
 from .data import DataSource, ShapesConfig, images_to_tensor, load_pairs
+from .judge import load_or_train
 
 
 @dataclass
@@ -106,17 +105,7 @@ def train_reranker(config: RerankerConfig, text_tokenizer, progress: bool = True
 
 def load_or_train_reranker(directory: str | Path, config: RerankerConfig, text_tokenizer) -> ContrastiveScorer:
     """Trained once per config (and text tokenizer) and cached in `directory`, like the judge."""
-    directory = Path(directory)
-    cfg_file, weights = directory / "config.json", directory / "model.safetensors"
-    if cfg_file.is_file() and weights.is_file() and json.loads(cfg_file.read_text()) == asdict(config):
-        model = ContrastiveScorer(config)
-        model.load_state_dict(load_file(str(weights)))
-        return model.eval()
-    model = train_reranker(config, text_tokenizer)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(model.state_dict(), str(weights))
-    cfg_file.write_text(json.dumps(asdict(config), indent=2))
-    return model
+    return load_or_train(directory, config, ContrastiveScorer, lambda: train_reranker(config, text_tokenizer))
 
 
 def reranker_for(bundle, directory: str | Path, **overrides) -> ContrastiveScorer:
