@@ -56,6 +56,20 @@ class Quantizer(nn.Module):
 # ----------------------------------------------------------------------------- codebook variants
 
 
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """(M, d) on each rank -> (world * M, d), rank 0's rows first (equal M on every rank)."""
+    if _world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(_world_size())]
+    torch.distributed.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
 class VectorQuantizer(Quantizer):
     """VQ-VAE: nearest codebook entry, straight-through estimator, codebook + commitment loss.
 
@@ -101,13 +115,19 @@ class VectorQuantizer(Quantizer):
 
     @torch.no_grad()
     def _random_rows(self, flat: torch.Tensor, n: int) -> torch.Tensor:
+        # Under DDP draw from the *global* batch (ranks' rows in rank order, the same draws on every
+        # rank), so all ranks seed identical codes and N processes match one with the whole batch.
+        flat = _all_gather_rows(flat)
         idx = torch.randint(0, flat.shape[0], (n,), device=flat.device)
         return flat[idx] + 1e-3 * flat.std() * torch.randn_like(flat[idx])
 
     @torch.no_grad()
     def _restart_dead(self, flat: torch.Tensor, codes: torch.Tensor) -> int:
         """Re-seed codes unused for `restart_window` steps from this batch's encoder outputs."""
-        used = torch.bincount(codes, minlength=self.unused_steps.numel()) > 0
+        counts = torch.bincount(codes, minlength=self.unused_steps.numel())
+        if _world_size() > 1:  # a code is alive if any rank used it
+            torch.distributed.all_reduce(counts)
+        used = counts > 0
         self.unused_steps.add_(1).masked_fill_(used, 0)
         dead = (self.unused_steps >= self.restart_window).nonzero().flatten()
         if dead.numel():
@@ -171,8 +191,12 @@ class EMAQuantizer(VectorQuantizer):
     def _ema_update(self, flat: torch.Tensor, codes: torch.Tensor):
         k = len(self)
         onehot = F.one_hot(codes, k).type_as(flat)  # (M, K)
-        self.cluster_size.lerp_(onehot.sum(0), 1 - self.decay)
-        self.embed_sum.lerp_(onehot.t() @ flat, 1 - self.decay)
+        counts, sums = onehot.sum(0), onehot.t() @ flat  # (K,), (K, d)
+        if _world_size() > 1:  # statistics of the global batch, so every rank keeps the same codebook
+            torch.distributed.all_reduce(counts)
+            torch.distributed.all_reduce(sums)
+        self.cluster_size.lerp_(counts, 1 - self.decay)
+        self.embed_sum.lerp_(sums, 1 - self.decay)
         n = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.eps) / (n + k * self.eps) * n
         self.codebook.weight.copy_(self.embed_sum / smoothed[:, None])
