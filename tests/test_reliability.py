@@ -241,4 +241,3 @@ def test_streaming_fit_runs_both_stages(trained, tmp_path, hf_cache):
     bundle = fit_transformer(tmp_path, hf_cache, trained["tokenizer"], steps=6, name="stream-lm",
                              extra=["--data.streaming", "true"])  # fmt: skip
     assert (bundle / "bundle.json").is_file()
-
