@@ -7,10 +7,8 @@ of shape (3, R, R): RGB, shorter side resized to R, centre-cropped.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
@@ -207,9 +205,6 @@ class DataSource:
     shapes: ShapesConfig = field(default_factory=ShapesConfig)
     cache_dir: str | None = None
 
-    def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
-
 
 def _rename_columns(ds: datasets.Dataset, source: DataSource, split: str) -> datasets.Dataset:
     missing = [c for c in (source.image_column, source.text_column) if c not in ds.column_names]
@@ -303,8 +298,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def image_to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
-    """PIL image -> float tensor (3, R, R) in [-1, 1]: RGB, shorter side resized to R, centre crop."""
+def image_to_uint8(image: Image.Image, resolution: int) -> torch.Tensor:
+    """PIL image -> uint8 tensor (3, R, R): RGB, shorter side resized to R, centre crop."""
     image = to_rgb(image)
     w, h = image.size
     if (w, h) != (resolution, resolution):
@@ -313,8 +308,17 @@ def image_to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
         image = image.resize((nw, nh), Image.BICUBIC)
         left, top = (nw - resolution) // 2, (nh - resolution) // 2
         image = image.crop((left, top, left + resolution, top + resolution))
-    arr = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (R, R, 3)
-    return arr.permute(2, 0, 1).float().div(127.5).sub(1.0)
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, R, R)
+
+
+def uint8_to_float(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (..., 3, R, R) -> float in [-1, 1]."""
+    return pixels.float().div(127.5).sub(1.0)
+
+
+def image_to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
+    """PIL image -> float tensor (3, R, R) in [-1, 1]: RGB, shorter side resized to R, centre crop."""
+    return uint8_to_float(image_to_uint8(image, resolution))
 
 
 def tensor_to_image(x: torch.Tensor) -> Image.Image:

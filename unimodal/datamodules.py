@@ -17,7 +17,7 @@ import datasets
 import lightning as L
 import torch
 
-from .data import DataSource, decode_or_skip, image_to_tensor, load_pairs
+from .data import DataSource, decode_or_skip, image_to_tensor, image_to_uint8, load_pairs, uint8_to_float
 from .data_order import ResumableData
 from .image_tokenizer import WEIGHTS_FILE, ImageTokenizer, load_config
 from .text_tokenizer import TOKENIZER_FILE, TextTokenizer
@@ -73,8 +73,10 @@ class ImageDataModule(ResumableData, L.LightningDataModule):
 
         def to_pixels(batch):
             images, _ = decode_or_skip(batch["image"])  # unreadable rows are dropped (and counted below)
-            pixels = torch.stack([image_to_tensor(im, res) for im in images]) if images else torch.zeros(0, 3, res, res)
-            return {"pixels": pixels.add(1).mul(127.5).round().to(torch.uint8).numpy()}
+            pixels = [image_to_uint8(im, res) for im in images]
+            return {
+                "pixels": (torch.stack(pixels) if pixels else torch.zeros(0, 3, res, res, dtype=torch.uint8)).numpy()
+            }
 
         features = datasets.Features({"pixels": datasets.Array3D((3, res, res), "uint8")})
         out = ds.map(to_pixels, batched=True, remove_columns=["image"], features=features, desc=f"decoding {split}")
@@ -94,13 +96,12 @@ class ImageDataModule(ResumableData, L.LightningDataModule):
         images, _ = decode_or_skip([row["image"]])
         if not images:
             return None
-        pixels = image_to_tensor(images[0], self.resolution).add(1).mul(127.5).round().to(torch.uint8)
-        return {"pixels": pixels}
+        return {"pixels": image_to_uint8(images[0], self.resolution)}
 
     @staticmethod
     def _collate(rows: list[dict]) -> torch.Tensor:
         """uint8 (B, 3, R, R) -> float in [-1, 1]."""
-        return torch.stack([r["pixels"] for r in rows]).float().div(127.5).sub(1.0)
+        return uint8_to_float(torch.stack([r["pixels"] for r in rows]))
 
 
 class _PixelTensor(torch.utils.data.Dataset):

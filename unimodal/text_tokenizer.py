@@ -11,7 +11,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -70,8 +69,3 @@ class TextTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(list(ids)).strip()
-
-
-def load_as_transformers(directory: str | Path) -> PreTrainedTokenizerFast:
-    """The same tokenizer through `transformers`, with no project code involved."""
-    return PreTrainedTokenizerFast(tokenizer_file=str(Path(directory) / TOKENIZER_FILE))
