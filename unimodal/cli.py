@@ -16,6 +16,7 @@ commands:
   evaluate    --bundle DIR --split test|heldout --json OUT     caption fidelity, PSNR, codebook usage
   caption     --bundle DIR --images FILE ... | --split test    image-to-text captions (and their accuracy)
   compare     RUN_DIR [RUN_DIR ...] --out DIR                  table + validation curves from CSV logs
+  sweep       FAMILY_DIR [--dry-run]                           run an experiment family, then compare it
   reconstruct --tokenizer DIR --images PATH ... --out grid.png  image files through the tokenizer
   demo        --out DIR                                        everything above on the built-in dataset
 
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     commands = {
         "sample": "sample_main", "evaluate": "evaluate_main", "caption": "caption_main",
-        "compare": "compare_main", "demo": "demo_main", "reconstruct": "reconstruct_main",
+        "compare": "compare_main", "demo": "demo_main", "sweep": "sweep_main", "reconstruct": "reconstruct_main",
     }  # fmt: skip
     if command not in commands:
         print(f"unimodal: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)

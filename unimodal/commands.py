@@ -165,13 +165,38 @@ def compare_main(argv: list[str]) -> int:
     p = make_parser("compare", "Compare fit runs from their CSV logs: markdown table + validation curves PNG.")
     p.add_argument("runs", nargs="+", help="run folders (runs/<name>)")
     p.add_argument("--out", required=True, help="output folder for compare.md and curves.png")
-    p.add_argument("--sort-by", default=None, help="metric to sort the table by (ascending)")
+    p.add_argument("--sort-by", default=None, help="metric to rank the runs by (e.g. val/loss_image); best in bold")
+    p.add_argument("--descending", action="store_true", help="higher --sort-by is better (e.g. caption fidelity)")
+    p.add_argument("--metrics", nargs="+", default=None,
+                   help="keep only metrics containing one of these substrings (e.g. loss_image fidelity)")  # fmt: skip
     args = p.parse_args(argv)
     from .compare import compare
 
-    table, plot = compare(args.runs, args.out, args.sort_by)
+    table, plot = compare(args.runs, args.out, args.sort_by, args.descending, metrics=args.metrics)
     print(table.read_text())
     print(f"table -> {table}\nplot  -> {plot}")
+    return 0
+
+
+def sweep_main(argv: list[str]) -> int:
+    from .sweep import SWEEP_FILE, run_sweep
+
+    p = make_parser("sweep", f"Run an experiment family (a folder with {SWEEP_FILE} and one YAML diff per run), "
+                             "skipping finished runs, then compare the runs (table sorted by the family's metric "
+                             "+ curves). See unimodal/sweep.py for the folder layout.")  # fmt: skip
+    p.add_argument("family", help="family folder, e.g. experiments/heldout")
+    p.add_argument("--root", default="runs", help="runs go to ROOT/FAMILY/<run> (default runs)")
+    p.add_argument("--only", nargs="+", default=None, help="run only these runs of the family")
+    p.add_argument("--force", action="store_true", help="rerun runs that already finished")
+    p.add_argument("--dry-run", action="store_true", help="print the equivalent `unimodal ... fit` commands and stop")
+    p.add_argument("--wandb", default="auto", choices=["auto", "online", "offline", "disabled"])
+    p.add_argument("--stage1-args", default="", help="extra arguments for every tokenizer fit, one quoted string")
+    p.add_argument("--stage2-args", default="",
+                   help="extra arguments for every transformer fit, e.g. '--trainer.max_steps 200'")  # fmt: skip
+    p.add_argument("--out", default=None, help="comparison folder (default ROOT/FAMILY/compare)")
+    args = p.parse_args(argv)
+    run_sweep(args.family, args.root, args.only, args.force, args.dry_run, args.wandb, args.stage1_args,
+              args.stage2_args, args.out)  # fmt: skip
     return 0
 
 

@@ -45,42 +45,70 @@ def run_name(run_dir: str | Path) -> str:
     return p.parent.parent.name if p.name == "metrics.csv" else p.name
 
 
-def compare(run_dirs: list[str | Path], out_dir: str | Path, sort_by: str | None = None) -> tuple[Path, Path]:
-    """Writes `compare.md` (final value of every val/ metric per run) and `curves.png`."""
+def _is_compared(metric: str) -> bool:
+    """Validation curves (`val/`, `val_{split}/`) and end-of-fit evaluation (`eval/`)."""
+    return metric.startswith(("val/", "val_", "eval/"))
+
+
+def compare(
+    run_dirs: list[str | Path],
+    out_dir: str | Path,
+    sort_by: str | None = None,
+    descending: bool = False,
+    notes: dict[str, str] | None = None,
+    metrics: list[str] | None = None,
+) -> tuple[Path, Path]:
+    """Writes `compare.md` (final value of every val/ and eval/ metric per run, sorted by `sort_by`, the
+    best run in bold, with each run's note) and `curves.png` (metrics logged more than once, best run
+    drawn thick). `metrics` keeps only metrics containing one of the given substrings."""
     if not run_dirs:
         raise ValueError("give at least one run folder")
     runs = {run_name(d): read_curves(find_metrics(d)) for d in run_dirs}
-    metrics = sorted({k for c in runs.values() for k in c if k.startswith("val/")})
-    if not metrics:
-        raise ValueError("the runs have no val/ metrics yet (did validation run?)")
-    finals = {name: {m: c[m][-1][1] for m in metrics if m in c} for name, c in runs.items()}
-    order = list(finals)
+    found = sorted({k for c in runs.values() for k in c if _is_compared(k)})
+    if metrics:
+        found = [m for m in found if any(pattern in m for pattern in metrics)]
+    if not found:
+        raise ValueError("the runs have no val/ or eval/ metrics yet (did validation run?)" if not metrics else
+                         f"no metric of the runs matches {metrics}")  # fmt: skip
+    finals = {name: {m: c[m][-1][1] for m in found if m in c} for name, c in runs.items()}
+    order, best = list(finals), None
     if sort_by:
-        if sort_by not in metrics:
-            raise ValueError(f"unknown metric {sort_by!r}; the runs have {metrics}")
-        order.sort(key=lambda n: finals[n].get(sort_by, math.inf))
+        if sort_by not in found:
+            raise ValueError(f"unknown metric {sort_by!r}; the runs have {found}")
+        missing = -math.inf if descending else math.inf
+        order.sort(key=lambda n: finals[n].get(sort_by, missing), reverse=descending)
+        best = order[0] if sort_by in finals[order[0]] else None
+    notes = notes or {}
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    lines = ["| run | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    note_col = any(notes.get(n) for n in order)
+    header = ["run", *found] + (["what it changes"] if note_col else [])
+    lines = []
+    if sort_by:
+        lines.append(f"Sorted by `{sort_by}` ({'higher' if descending else 'lower'} is better); best run in bold.\n")
+    lines += ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for name in order:
-        cells = [f"{finals[name][m]:.4g}" if m in finals[name] else "–" for m in metrics]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        cells = [f"{finals[name][m]:.4g}" if m in finals[name] else "–" for m in found]
+        label = f"**{name}**" if name == best else name
+        lines.append(f"| {label} | " + " | ".join(cells) + (f" | {notes.get(name, '')}" if note_col else "") + " |")
     table = out_dir / "compare.md"
     table.write_text("\n".join(lines) + "\n")
 
-    ncol = min(3, len(metrics))
-    nrow = (len(metrics) + ncol - 1) // ncol
+    curves = [m for m in found if any(len(c.get(m, [])) > 1 for c in runs.values())] or found
+    ncol = min(3, len(curves))
+    nrow = (len(curves) + ncol - 1) // ncol
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.5 * ncol, 3.2 * nrow), squeeze=False)
-    for ax, m in zip(axes.flat, metrics):
+    for ax, m in zip(axes.flat, curves):
         for name in order:
             if m in runs[name]:
                 steps, values = zip(*runs[name][m])
-                ax.plot(steps, values, marker="o", markersize=3, label=name)
+                ax.plot(steps, values, marker="o", markersize=3, label=name + (" (best)" if name == best else ""),
+                        linewidth=3 if name == best else 1.2)  # fmt: skip
         ax.set_title(m)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(metrics) :]:
+    for ax in list(axes.flat)[len(curves) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
     fig.tight_layout()

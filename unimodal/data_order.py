@@ -116,11 +116,15 @@ class ResumableData:
             )
         return self.resumable_loader(self.train_set, self.batch_size, self.num_workers, self._collate)
 
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.val_set, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=self._collate,
-            persistent_workers=self.num_workers > 0,
-        )  # fmt: skip
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The validation split's loader, followed by one per `extra_val_sets` entry if the module has any."""
+        sets = [self.val_set, *getattr(self, "extra_val_sets", {}).values()]
+        loaders = [
+            DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=self._collate,
+                       persistent_workers=self.num_workers > 0)
+            for ds in sets
+        ]  # fmt: skip
+        return loaders[0] if len(loaders) == 1 else loaders
 
     def state_dict(self) -> dict:
         """Where training is in the data: epoch and batches already used in it (primitives only)."""

@@ -145,7 +145,9 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
         batch_size: sequences per step.
         num_workers: DataLoader worker processes.
         val_split: split for validation losses.
-        max_val_samples: cap on validation sequences (None = all).
+        extra_val_splits: more splits validated alongside it, logged as `val_{split}/...` (e.g. the
+            shapes `heldout` split: the teacher-forced loss on unseen colour-shape compositions).
+        max_val_samples: cap on validation sequences per split (None = all).
         encode_batch_size: images per image-tokenizer call while pre-tokenizing.
         seed: seed of the training order (one permutation per epoch; exact on resume and across processes).
         streaming: read the training split as a `datasets` IterableDataset, sharded per process,
@@ -169,6 +171,7 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         val_split: str = "test",
+        extra_val_splits: list[str] | None = None,
         max_val_samples: int | None = None,
         encode_batch_size: int = 256,
         caption_dropout: float = 0.0,
@@ -189,6 +192,9 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.val_split = val_split
+        self.extra_val_splits = list(extra_val_splits or [])
+        if val_split in self.extra_val_splits:
+            raise ValueError(f"data.extra_val_splits repeats data.val_split {val_split!r}; list other splits")
         self.max_val_samples = max_val_samples
         self.encode_batch_size = encode_batch_size
         # The vocabulary must exist before the model is built (the CLI links it into the model).
@@ -265,10 +271,14 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
             self.train_stream = _undecoded(load_pairs(self.source, "train").select_columns(["image", "text"]))
         else:
             self.train_set = self.tokenize(load_pairs(self.source, "train"))
-        val = load_pairs(self.source, self.val_split)
+        self.val_set = self._val_split(self.val_split)
+        self.extra_val_sets = {split: self._val_split(split) for split in self.extra_val_splits}
+
+    def _val_split(self, split: str) -> datasets.Dataset:
+        val = load_pairs(self.source, split)
         if self.max_val_samples is not None:
             val = val.select(range(min(self.max_val_samples, len(val))))
-        self.val_set = self.tokenize(val)
+        return self.tokenize(val)
 
     def _collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         """Right-pad to the longest sequence in the batch: input_ids and attention_mask (B, T)."""

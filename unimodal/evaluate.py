@@ -3,7 +3,9 @@
 - judge accuracy: the judge (trained on ground truth only) reading real images of the split;
 - caption fidelity: fraction of images generated from the split's captions whose judged scene
   matches the caption (colour, shape and position of every object), plus per-attribute rates;
-- image tokenizer: PSNR of reconstructions and codebook usage over the split's real images.
+- image tokenizer: PSNR of reconstructions and codebook usage over the split's real images, and the
+  judge's scene accuracy on those reconstructions: the fidelity ceiling, since generated images can only
+  be as legible as the tokenizer's decoder makes them.
 
 With `rerank=N > 1`, N candidates are generated per caption and the contrastive scorer of
 `rerank.py` keeps the best one; the fidelity of each caption's first candidate (what sampling
@@ -43,7 +45,10 @@ def evaluate_bundle(
     judge_config: JudgeConfig | None = None,
     rerank: int = 1,
     reranker_dir: str | Path | None = None,
+    details: dict | None = None,
 ) -> dict:
+    """Metrics of one split as a JSON-friendly dict. Pass `details={}` to also get, per caption, the
+    caption, the generated image and the judge's reading (`captions`, `images`, `judged`, `match`)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     resolution = bundle.image_tokenizer.config.resolution
@@ -86,7 +91,11 @@ def evaluate_bundle(
         generated, _ = keep_best(scorer, generated, bundle.text_tokenizer.encode_batch(captions), rerank)
         extra = {"rerank_candidates": rerank, "caption_fidelity_without_rerank": _rates(
             scene_match(judge.read(first), labels))["scene"]}  # fmt: skip
-    fidelity = _rates(scene_match(judge.read(generated), labels))
+    judged = judge.read(generated)
+    matches = scene_match(judged, labels)
+    fidelity = _rates(matches)
+    if details is not None:
+        details.update(captions=captions, images=generated, judged=judged, match=matches["scene"])
     if grid_path:
         make_grid(generated[:32], captions[:32], ncol=8).save(grid_path)
 
@@ -99,6 +108,7 @@ def evaluate_bundle(
         "judge_accuracy_real": judge_real["scene"],
         "judge_by_attribute_real": {k: v for k, v in judge_real.items() if k != "scene"},
         "tokenizer_psnr": float(psnr(recon, real).mean()),
+        "tokenizer_judge_accuracy": _rates(scene_match(judge.read(recon), labels))["scene"],
         "tokenizer_codebook_usage": code_stats["codebook_usage"],
         "tokenizer_perplexity": code_stats["perplexity"],
         "sampling": {

@@ -5,7 +5,8 @@
 
 Beyond the usual `trainer`/`model`/`data` sections, each run has `run` (name, output folder, W&B
 project/group), `export` (where the trained artifact goes), and stage 2 has `samples` (the prompts
-drawn after every validation). The joint vocabulary is linked from the data module into the model.
+drawn after every validation) and `evaluation` (caption fidelity on shapes splits at the end of fit,
+logged as `eval/...`). The joint vocabulary is linked from the data module into the model.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from .datamodules import ImageDataModule, SequenceDataModule
-from .lit import Export, SampleGrid, TokenizerModule, TransformerModule
+from .lit import Evaluation, Export, SampleGrid, TokenizerModule, TransformerModule
 from .loggers import RunConfig, build_loggers
 
 
@@ -113,6 +114,7 @@ class TransformerCLI(_FitCLI):
     def add_arguments_to_parser(self, parser):
         super().add_arguments_to_parser(parser)
         parser.add_lightning_class_args(SampleGrid, "samples")
+        parser.add_lightning_class_args(Evaluation, "evaluation")
         parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:

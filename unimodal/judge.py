@@ -74,6 +74,19 @@ def scene_labels(rows: list[dict]) -> dict[str, torch.Tensor]:
     return labels
 
 
+def describe(pred: dict[str, torch.Tensor], i: int) -> str:
+    """Image i of a `Judge.read` result as text: 'top left: large red circle; bottom right: ...'."""
+    parts = []
+    for q, position in enumerate(POSITIONS):
+        if int(pred["shape"][i, q]) == 0 and int(pred["color"][i, q]) == 0:
+            continue
+        words = [
+            ATTRIBUTES[k][int(pred[k][i, q]) - 1] if int(pred[k][i, q]) else "?" for k in ("size", "color", "shape")
+        ]
+        parts.append(f"{position}: {' '.join(words)}")
+    return "; ".join(parts) or "(empty)"
+
+
 def scene_match(pred: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Per image (B,) booleans: colour, shape, position (which quadrants hold objects) and `scene`
     (colour, shape and position all right in every quadrant)."""
@@ -116,8 +129,11 @@ def load_or_train(directory: str | Path, config, model_class, train) -> nn.Modul
         return model.eval()
     model = train()
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(model.state_dict(), str(weights))
-    cfg_file.write_text(json.dumps(asdict(config), indent=2))
+    # temporary names, then renames: runs sharing a cache never read half a file
+    save_file(model.state_dict(), str(weights.with_suffix(".tmp")))
+    weights.with_suffix(".tmp").replace(weights)
+    cfg_file.with_suffix(".tmp").write_text(json.dumps(asdict(config), indent=2))
+    cfg_file.with_suffix(".tmp").replace(cfg_file)
     return model.eval()
 
 

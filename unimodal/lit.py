@@ -208,28 +208,36 @@ class TransformerModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def on_validation_epoch_start(self):
-        self._val = {k: torch.zeros(2, dtype=torch.float64) for k in ("text", "image")}
-        self._val_loss = []
+    def _val_prefixes(self) -> list[str]:
+        """`val/` for the validation split, `val_{split}/` for each of the data module's extra splits."""
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        return ["val/"] + [f"val_{split}/" for split in getattr(dm, "extra_val_splits", [])]
 
-    def validation_step(self, batch, batch_idx):
+    def on_validation_epoch_start(self):
+        # per loader: summed segment losses and counts, and (batch loss, rows) pairs
+        self._val = [{k: torch.zeros(2, dtype=torch.float64) for k in ("text", "image")} for _ in self._val_prefixes()]
+        self._val_loss = [[] for _ in self._val_prefixes()]
+
+    def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
         loss, parts = self._loss(batch)
-        self._val_loss.append((float(loss), batch["input_ids"].shape[0]))
+        self._val_loss[dataloader_idx].append((float(loss), batch["input_ids"].shape[0]))
         for name, (s, n) in parts.items():
-            self._val[name] += torch.tensor([float(s), float(n)], dtype=torch.float64)
+            self._val[dataloader_idx][name] += torch.tensor([float(s), float(n)], dtype=torch.float64)
 
     def on_validation_epoch_end(self):
-        total = sum(n for _, n in self._val_loss)
-        metrics = {"val/loss": sum(loss * n for loss, n in self._val_loss) / max(total, 1)}
-        for name, (s, n) in self._val.items():
-            metrics[f"val/loss_{name}"] = float(s / max(n, 1))
+        metrics = {}
+        for prefix, losses, segments in zip(self._val_prefixes(), self._val_loss, self._val):
+            total = sum(n for _, n in losses)
+            metrics[f"{prefix}loss"] = sum(loss * n for loss, n in losses) / max(total, 1)
+            for name, (s, n) in segments.items():
+                metrics[f"{prefix}loss_{name}"] = float(s / max(n, 1))
         dm = self.trainer.datamodule
         if dm is not None and hasattr(dm, "image_unigram_loss"):
             if not hasattr(self, "_unigram"):
                 self._unigram = dm.image_unigram_loss()
             if self._unigram is not None:
                 metrics["val/loss_image_unigram"] = self._unigram
-        self.log_dict(metrics, prog_bar=True)
+        self.log_dict(metrics, prog_bar=True, add_dataloader_idx=False)
 
     def configure_optimizers(self):
         opt = _adamw(self.model, self.hparams.lr, self.hparams.weight_decay)
@@ -292,3 +300,112 @@ class SampleGrid(L.Callback):
             Path(self.out_dir).mkdir(parents=True, exist_ok=True)
             grid.save(Path(self.out_dir) / f"samples_step{trainer.global_step}.png")
         log_image(trainer.loggers, "val/samples", grid, trainer.global_step)
+
+
+class Evaluation(L.Callback):
+    """At the end of fit, evaluates the trained system on built-in shapes splits (`evaluate.py`: caption
+    fidelity, judge accuracy on real images, the tokenizer's PSNR and fidelity ceiling) and logs
+    `eval/{split}/...` to every logger: a row of metrics.csv, the W&B run summary, and a W&B table of
+    prompts, generated images and the judge's reading. Also writes `eval_{split}.json` and `.png` into
+    the run folder. Off while `splits` is empty; needs the shapes data source.
+
+    Args:
+        splits: shapes splits to evaluate, e.g. [test, heldout] (empty = off).
+        num_captions: captions generated per split.
+        temperature: sampling temperature.
+        top_k: keep the k most likely allowed ids (None = all).
+        cfg_scale: classifier-free guidance scale (1 = off; needs data.caption_dropout > 0).
+        seed: sampling seed.
+        judge_dir: judge cache (default: `{run.root}/judge`, shared by the runs of a family).
+        judge_train_images: generated scenes the judge trains on (once per cache).
+        table_rows: rows per split in the W&B table.
+    """
+
+    def __init__(
+        self,
+        splits: list[str] | None = None,
+        num_captions: int = 200,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        cfg_scale: float = 1.0,
+        seed: int = 0,
+        judge_dir: str | None = None,
+        judge_train_images: int = 8000,
+        table_rows: int = 32,
+    ):
+        from .evaluate import SPLITS
+
+        self.splits = list(splits or [])
+        unknown = [s for s in self.splits if s not in SPLITS]
+        if unknown:
+            raise ValueError(f"evaluation.splits takes {list(SPLITS)}, got {unknown}")
+        self.num_captions, self.judge_dir, self.table_rows = num_captions, judge_dir, table_rows
+        self.judge_train_images = judge_train_images
+        self.params = SamplingParams(temperature=temperature, top_k=top_k, cfg_scale=cfg_scale, seed=seed)
+        self._start = None
+
+    def on_fit_start(self, trainer, pl_module):
+        import time
+
+        self._start = time.perf_counter()
+
+    def on_fit_end(self, trainer, pl_module):
+        if not self.splits or trainer.interrupted or not trainer.is_global_zero:
+            return
+        import time
+
+        from .evaluate import evaluate_bundle, write_json
+        from .judge import JudgeConfig
+
+        dm = trainer.datamodule
+        if getattr(getattr(dm, "source", None), "name", None) != "shapes":
+            print("evaluation: skipped (it scores the built-in shapes splits; this run trains on other data)")
+            return
+        minutes = (time.perf_counter() - self._start) / 60 if self._start else float("nan")
+        run_dir = Path(trainer.default_root_dir)
+        bundle = pl_module.bundle(dm)
+        was_training = bundle.transformer.training
+        bundle.transformer.eval()
+        metrics, tables = {"eval/fit_minutes": minutes}, {}
+        for split in self.splits:
+            details = {}
+            result = evaluate_bundle(
+                bundle, split, self.judge_dir or run_dir.parent / "judge", self.num_captions, self.params,
+                shapes=dm.source.shapes, grid_path=run_dir / f"eval_{split}.png", details=details,
+                judge_config=JudgeConfig(dm.source.shapes.resolution, dm.source.shapes.background,
+                                         train_images=self.judge_train_images),
+            )  # fmt: skip
+            write_json(result, run_dir / f"eval_{split}.json")
+            for key, value in result.items():
+                if isinstance(value, int | float) and not isinstance(value, bool) and key != "num_captions":
+                    metrics[f"eval/{split}/{key}"] = float(value)
+            for key, value in result["fidelity_by_attribute"].items():
+                metrics[f"eval/{split}/fidelity_{key}"] = value
+            tables[split] = details
+        bundle.transformer.train(was_training)
+        for lg in trainer.loggers:
+            lg.log_metrics(metrics, step=trainer.global_step)
+            lg.save()
+        _log_eval_tables(trainer.loggers, tables, metrics, self.table_rows)
+        print("evaluation: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.endswith("fidelity")))
+
+
+def _log_eval_tables(loggers, tables: dict, metrics: dict, rows: int):
+    """W&B only: the final metrics into the run summary and one table of generated samples."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from .data import tensor_to_image
+    from .judge import describe
+
+    for lg in loggers:
+        if not isinstance(lg, WandbLogger):
+            continue
+        import wandb
+
+        table = wandb.Table(columns=["split", "prompt", "image", "judged", "match"])
+        for split, d in tables.items():
+            for i in range(min(rows, len(d["captions"]))):
+                image = wandb.Image(tensor_to_image(d["images"][i]).resize((128, 128), 0))
+                table.add_data(split, d["captions"][i], image, describe(d["judged"], i), bool(d["match"][i]))
+        lg.experiment.log({"eval/samples": table})
+        lg.experiment.summary.update(metrics)
