@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from unimodal.compare import compare, read_curves
-from unimodal.sweep import load_family, plan, run_sweep
+from unimodal.sweep import _finished, load_family, plan, run_sweep
 
 from .conftest import EXPERIMENTS, TINY_DATA
 
@@ -61,8 +61,12 @@ def test_sweep_runs_a_tiny_family_then_skips_it(tmp_path, hf_cache, capsys, monk
                 stage2_args=f"{TINY} {cache}")  # fmt: skip
     table = run_sweep(family, **args)
     text = table.read_text()
-    assert "| small |" in text or "| **small** |" in text
-    assert "**" in text and "twice the width" in text and "eval/heldout/caption_fidelity" in text
+    header = next(line for line in text.splitlines() if line.startswith("| run |")).split("|")
+    rows = [line.split("|") for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    col = [c.strip() for c in header].index("eval/test/caption_fidelity")
+    ranked = [float(r[col]) for r in rows]
+    assert ranked == sorted(ranked, reverse=True) and rows[0][1].strip().startswith("**")  # best first, in bold
+    assert {r[1].strip(" *") for r in rows} == {"small", "wide"} and "twice the width" in text
     curves = read_curves(tmp_path / "runs" / "fam" / "wide" / "csv" / "metrics.csv")
     assert "val_heldout/loss_image" in curves and "val/loss_image" in curves
     assert 0 <= curves["eval/test/caption_fidelity"][-1][1] <= 1
@@ -71,6 +75,32 @@ def test_sweep_runs_a_tiny_family_then_skips_it(tmp_path, hf_cache, capsys, monk
     capsys.readouterr()
     run_sweep(family, **args)  # everything finished: nothing retrains
     assert capsys.readouterr().out.count("done already") == 4
+    run_sweep(family, only=["wide"], force=True, **args)  # reruns wide, keeps the tokenizer the others share
+    out = capsys.readouterr().out
+    assert "tokenizer tokenizer: done already" in out and "transformer wide\n" in out and "small" in out
+
+
+def test_a_broken_run_fails_alone_and_is_reported(tmp_path, hf_cache, capsys):
+    family = _family(tmp_path)
+    (family / "broken.yaml").write_text("# a typo\nmodel: {no_such_option: 1}\n")
+    (family / "sweep.yaml").write_text((family / "sweep.yaml").read_text() + "runs: [broken, wide]\n")
+    cache = f"--data.source.cache_dir {hf_cache} --run.wandb disabled"
+    with pytest.raises(RuntimeError, match="broken"):
+        run_sweep(family, root=tmp_path / "runs", wandb="disabled", stage1_args=f"{TINY} {cache}",
+                  stage2_args=f"{TINY} {cache}")  # fmt: skip
+    assert (tmp_path / "runs" / "fam" / "wide" / "export").is_dir()  # the run after it still trained
+    assert "| **wide** |" in (tmp_path / "runs" / "fam" / "compare" / "compare.md").read_text()
+
+
+def test_a_run_killed_during_evaluation_is_not_finished(tmp_path):
+    fit = plan(load_family(_family(tmp_path)), tmp_path / "runs")[-1]
+    fit.export.mkdir(parents=True)
+    csv = fit.export.parent / "csv" / "metrics.csv"
+    csv.parent.mkdir()
+    csv.write_text("epoch,step,val/loss\n0,10,1.0\n")
+    assert not _finished(fit, tmp_path / "runs" / "fam", "eval/test/caption_fidelity")
+    csv.write_text("epoch,step,val/loss,eval/test/caption_fidelity\n0,10,1.0,\n0,10,,0.5\n")
+    assert _finished(fit, tmp_path / "runs" / "fam", "eval/test/caption_fidelity")
 
 
 def test_sweep_errors_name_the_problem(tmp_path):
@@ -82,6 +112,15 @@ def test_sweep_errors_name_the_problem(tmp_path):
         load_family(family)
     (family / "sweep.yaml").write_text("stage2: [common.yaml]\nruns: [nope]\n")
     with pytest.raises(FileNotFoundError, match="run 'nope' has no config"):
+        load_family(family)
+    (family / "sweep.yaml").write_text("stage2: common.yaml\nruns: wide\n")  # a single string is a list of one
+    assert load_family(family).runs == ["wide"]
+    (family / "sweep.yaml").write_text("stage2: [common.yaml]\nruns: [wide]\ndescending: 'yes'\n")
+    with pytest.raises(ValueError, match="descending"):
+        load_family(family)
+    (family / "judge.yaml").write_text("# a run named like the family's judge cache\n")
+    (family / "sweep.yaml").write_text("stage2: [common.yaml]\nruns: [judge]\n")
+    with pytest.raises(ValueError, match="share a folder"):
         load_family(family)
 
 
@@ -138,10 +177,21 @@ def test_gpu_recipe_parses_with_print_config(stage, capsys):
 
     program, base, diff = ((TokenizerCLI, "tokenizer.yaml", "gpu.stage1.yaml") if stage == "tokenizer"
                            else (TransformerCLI, "transformer.yaml", "gpu.yaml"))  # fmt: skip
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         program(
             args=["fit", "--config", str(EXPERIMENTS / base), "--config", str(EXPERIMENTS / diff), "--print_config"]
         )
+    assert exit_.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["trainer"]["precision"] == "bf16-mixed"
     assert printed["data"]["source"]["shapes"]["resolution"] == 64
+
+
+def test_judge_describes_what_it_reads():
+    import torch
+
+    from unimodal.judge import describe
+
+    pred = {k: torch.zeros(2, 4, dtype=torch.long) for k in ("color", "shape", "size")}
+    pred["color"][0, 1], pred["shape"][0, 1], pred["size"][0, 1] = 1, 3, 2  # red triangle, large, top right
+    assert describe(pred, 0) == "top right: large red triangle" and describe(pred, 1) == "(empty)"

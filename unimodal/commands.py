@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -195,8 +196,12 @@ def sweep_main(argv: list[str]) -> int:
                    help="extra arguments for every transformer fit, e.g. '--trainer.max_steps 200'")  # fmt: skip
     p.add_argument("--out", default=None, help="comparison folder (default ROOT/FAMILY/compare)")
     args = p.parse_args(argv)
-    run_sweep(args.family, args.root, args.only, args.force, args.dry_run, args.wandb, args.stage1_args,
-              args.stage2_args, args.out)  # fmt: skip
+    try:
+        run_sweep(args.family, args.root, args.only, args.force, args.dry_run, args.wandb, args.stage1_args,
+                  args.stage2_args, args.out)  # fmt: skip
+    except RuntimeError as err:  # some runs failed; the others finished and were compared
+        print(f"unimodal sweep: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

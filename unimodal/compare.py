@@ -63,10 +63,14 @@ def compare(
     drawn thick). `metrics` keeps only metrics containing one of the given substrings."""
     if not run_dirs:
         raise ValueError("give at least one run folder")
-    runs = {run_name(d): read_curves(find_metrics(d)) for d in run_dirs}
+    names = [run_name(d) for d in run_dirs]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"several runs are named {twice}; compare runs of one family, or give them distinct names")
+    runs = {name: read_curves(find_metrics(d)) for name, d in zip(names, run_dirs)}
     found = sorted({k for c in runs.values() for k in c if _is_compared(k)})
-    if metrics:
-        found = [m for m in found if any(pattern in m for pattern in metrics)]
+    if metrics:  # the ranking metric always stays in the table
+        found = [m for m in found if m == sort_by or any(pattern in m for pattern in metrics)]
     if not found:
         raise ValueError("the runs have no val/ or eval/ metrics yet (did validation run?)" if not metrics else
                          f"no metric of the runs matches {metrics}")  # fmt: skip
@@ -91,7 +95,8 @@ def compare(
     for name in order:
         cells = [f"{finals[name][m]:.4g}" if m in finals[name] else "–" for m in found]
         label = f"**{name}**" if name == best else name
-        lines.append(f"| {label} | " + " | ".join(cells) + (f" | {notes.get(name, '')}" if note_col else "") + " |")
+        note = notes.get(name, "").replace("|", "\\|")  # a note must not split the markdown row
+        lines.append(f"| {label} | " + " | ".join(cells) + (f" | {note}" if note_col else "") + " |")
     table = out_dir / "compare.md"
     table.write_text("\n".join(lines) + "\n")
 

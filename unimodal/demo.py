@@ -22,13 +22,6 @@ QUICK = [  # a one-minute smoke run of the same pipeline
 ]  # fmt: skip
 
 
-def _finish_wandb():
-    import wandb
-
-    if wandb.run is not None:
-        wandb.finish()
-
-
 def run_demo(out: Path, wandb: str = "auto", quick: bool = False) -> dict:
     from .bundle import Bundle
     from .commands import DEMO_PROMPTS
@@ -36,6 +29,7 @@ def run_demo(out: Path, wandb: str = "auto", quick: bool = False) -> dict:
     from .evaluate import evaluate_bundle, write_json
     from .fit import TokenizerCLI, TransformerCLI
     from .judge import JudgeConfig
+    from .loggers import finish_wandb
     from .sampling import SamplingParams, make_grid
 
     for name in ("tokenizer.yaml", "transformer.yaml"):
@@ -49,7 +43,7 @@ def run_demo(out: Path, wandb: str = "auto", quick: bool = False) -> dict:
 
     start = time.perf_counter()
     TokenizerCLI(args=["fit", "--config", str(EXPERIMENTS / "tokenizer.yaml"), *common])
-    _finish_wandb()
+    finish_wandb()
     timings["stage1_s"] = time.perf_counter() - start
     tokenizer_dir = runs / "shapes-tokenizer" / "export"
 
@@ -59,7 +53,7 @@ def run_demo(out: Path, wandb: str = "auto", quick: bool = False) -> dict:
         "--data.image_tokenizer", str(tokenizer_dir),
         "--data.text_tokenizer", str(runs / "shapes-transformer" / "text_tokenizer"),
     ])  # fmt: skip
-    _finish_wandb()
+    finish_wandb()
     timings["stage2_s"] = time.perf_counter() - start
     bundle_dir = runs / "shapes-transformer" / "export"
 

@@ -10,6 +10,7 @@ well as seen ones. It is trained on a fresh stream of generated scenes with ever
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -129,11 +130,12 @@ def load_or_train(directory: str | Path, config, model_class, train) -> nn.Modul
         return model.eval()
     model = train()
     directory.mkdir(parents=True, exist_ok=True)
-    # temporary names, then renames: runs sharing a cache never read half a file
-    save_file(model.state_dict(), str(weights.with_suffix(".tmp")))
-    weights.with_suffix(".tmp").replace(weights)
-    cfg_file.with_suffix(".tmp").write_text(json.dumps(asdict(config), indent=2))
-    cfg_file.with_suffix(".tmp").replace(cfg_file)
+    # per-process temporary names, then renames: runs sharing a cache never read or mix half files
+    tmp_weights, tmp_cfg = weights.with_suffix(f".{os.getpid()}.tmp"), cfg_file.with_suffix(f".{os.getpid()}.tmp")
+    save_file(model.state_dict(), str(tmp_weights))
+    tmp_weights.replace(weights)
+    tmp_cfg.write_text(json.dumps(asdict(config), indent=2))
+    tmp_cfg.replace(cfg_file)
     return model.eval()
 
 

@@ -6,6 +6,7 @@ metrics and logging. Metric keys: `train/...`, `val/...`.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -345,15 +346,13 @@ class Evaluation(L.Callback):
         self._start = None
 
     def on_fit_start(self, trainer, pl_module):
-        import time
-
         self._start = time.perf_counter()
 
-    def on_fit_end(self, trainer, pl_module):
+    def on_train_end(self, trainer, pl_module):
+        """After the last step, while the model is still on its device (Lightning moves it to CPU before
+        `on_fit_end`). `eval/fit_minutes` is the wall time of this fit session (after a resume: since it)."""
         if not self.splits or trainer.interrupted or not trainer.is_global_zero:
             return
-        import time
-
         from .evaluate import evaluate_bundle, write_json
         from .judge import JudgeConfig
 
@@ -363,26 +362,28 @@ class Evaluation(L.Callback):
             return
         minutes = (time.perf_counter() - self._start) / 60 if self._start else float("nan")
         run_dir = Path(trainer.default_root_dir)
+        shapes = dm.source.shapes
+        judge = JudgeConfig(shapes.resolution, shapes.background, train_images=self.judge_train_images)
         bundle = pl_module.bundle(dm)
         was_training = bundle.transformer.training
         bundle.transformer.eval()
         metrics, tables = {"eval/fit_minutes": minutes}, {}
-        for split in self.splits:
-            details = {}
-            result = evaluate_bundle(
-                bundle, split, self.judge_dir or run_dir.parent / "judge", self.num_captions, self.params,
-                shapes=dm.source.shapes, grid_path=run_dir / f"eval_{split}.png", details=details,
-                judge_config=JudgeConfig(dm.source.shapes.resolution, dm.source.shapes.background,
-                                         train_images=self.judge_train_images),
-            )  # fmt: skip
-            write_json(result, run_dir / f"eval_{split}.json")
-            for key, value in result.items():
-                if isinstance(value, int | float) and not isinstance(value, bool) and key != "num_captions":
-                    metrics[f"eval/{split}/{key}"] = float(value)
-            for key, value in result["fidelity_by_attribute"].items():
-                metrics[f"eval/{split}/fidelity_{key}"] = value
-            tables[split] = details
-        bundle.transformer.train(was_training)
+        try:
+            for split in self.splits:
+                details = {}
+                result = evaluate_bundle(
+                    bundle, split, self.judge_dir or run_dir.parent / "judge", self.num_captions, self.params,
+                    shapes=shapes, grid_path=run_dir / f"eval_{split}.png", details=details, judge_config=judge,
+                )  # fmt: skip
+                write_json(result, run_dir / f"eval_{split}.json")
+                for key, value in result.items():
+                    if isinstance(value, int | float) and not isinstance(value, bool) and key != "num_captions":
+                        metrics[f"eval/{split}/{key}"] = float(value)
+                for key, value in result["fidelity_by_attribute"].items():
+                    metrics[f"eval/{split}/fidelity_{key}"] = value
+                tables[split] = details
+        finally:
+            bundle.transformer.train(was_training)
         for lg in trainer.loggers:
             lg.log_metrics(metrics, step=trainer.global_step)
             lg.save()
@@ -393,6 +394,7 @@ class Evaluation(L.Callback):
 def _log_eval_tables(loggers, tables: dict, metrics: dict, rows: int):
     """W&B only: the final metrics into the run summary and one table of generated samples."""
     from lightning.pytorch.loggers import WandbLogger
+    from PIL import Image
 
     from .data import tensor_to_image
     from .judge import describe
@@ -405,7 +407,7 @@ def _log_eval_tables(loggers, tables: dict, metrics: dict, rows: int):
         table = wandb.Table(columns=["split", "prompt", "image", "judged", "match"])
         for split, d in tables.items():
             for i in range(min(rows, len(d["captions"]))):
-                image = wandb.Image(tensor_to_image(d["images"][i]).resize((128, 128), 0))
+                image = wandb.Image(tensor_to_image(d["images"][i]).resize((128, 128), Image.Resampling.NEAREST))
                 table.add_data(split, d["captions"][i], image, describe(d["judged"], i), bool(d["match"][i]))
         lg.experiment.log({"eval/samples": table})
         lg.experiment.summary.update(metrics)

@@ -65,6 +65,14 @@ def build_loggers(run: RunConfig, config: dict | None = None) -> list[Logger]:
     return loggers
 
 
+def finish_wandb():
+    """Close the active W&B run, if any: the next fit run in this process starts its own."""
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()
+
+
 def log_image(loggers: list[Logger], key: str, image, step: int, caption: str | None = None):
     """A PIL image to every logger that takes images (W&B); CSV keeps numbers only."""
     for lg in loggers:

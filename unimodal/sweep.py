@@ -8,6 +8,7 @@ A family is a folder with a `sweep.yaml`:
     runs: [baseline, steps-x3, ...]                     # run names; each is <name>.yaml in the folder
     sort_by: eval/heldout/caption_fidelity              # the metric the comparison is ranked by
     descending: true
+    metrics: [caption_fidelity, loss_image]             # optional: the table's columns (substrings)
 
 and one `<name>.yaml` per run: a stage-2 config diff whose first comment line says what it changes
 and why. A run that changes the image tokenizer adds `<name>.stage1.yaml` (a stage-1 diff); it then
@@ -30,6 +31,7 @@ from pathlib import Path
 import yaml
 
 SWEEP_FILE = "sweep.yaml"
+RESERVED = ("tokenizer", "text_tokenizer", "judge", "compare")  # folders the family itself keeps in its root
 
 
 @dataclass
@@ -40,6 +42,7 @@ class Family:
     runs: list[str]
     sort_by: str | None = None
     descending: bool = False
+    metrics: list[str] | None = None
     notes: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -70,16 +73,20 @@ def load_family(directory: str | Path) -> Family:
             f"{directory} is not an experiment family: it has no {SWEEP_FILE} (see `unimodal sweep --help`)"
         )
     spec = yaml.safe_load(spec_file.read_text()) or {}
-    unknown = set(spec) - {"stage1", "stage2", "runs", "sort_by", "descending"}
+    allowed = ("stage1", "stage2", "runs", "sort_by", "descending", "metrics")
+    unknown = set(spec) - set(allowed)
     if unknown:
-        raise ValueError(
-            f"{spec_file}: unknown keys {sorted(unknown)}; allowed: stage1, stage2, runs, sort_by, descending"
-        )
+        raise ValueError(f"{spec_file}: unknown keys {sorted(unknown)}; allowed: {', '.join(allowed)}")
 
-    def paths(key: str) -> list[Path]:
+    def strings(key: str) -> list[str]:
         value = spec.get(key) or []
         value = [value] if isinstance(value, str) else value
-        found = [Path(os.path.normpath(directory / p)) for p in value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{spec_file}: `{key}` must be a list of strings, got {value!r}")
+        return value
+
+    def paths(key: str) -> list[Path]:
+        found = [Path(os.path.normpath(directory / p)) for p in strings(key)]
         missing = [str(p) for p in found if not p.is_file()]
         if missing:
             raise FileNotFoundError(f"{spec_file}: {key} names missing config file(s): {', '.join(missing)}")
@@ -90,13 +97,21 @@ def load_family(directory: str | Path) -> Family:
         raise ValueError(
             f"{spec_file}: `stage2` must list at least one stage-2 config (e.g. ../shapes/transformer.yaml)"
         )
-    runs = spec.get("runs") or sorted(
+    if not isinstance(spec.get("descending", False), bool):
+        raise ValueError(f"{spec_file}: `descending` must be true or false, got {spec['descending']!r}")
+    runs = strings("runs") or sorted(
         p.stem for p in directory.glob("*.yaml") if p.name != SWEEP_FILE and not p.name.endswith(".stage1.yaml")
-        and Path(os.path.normpath(p)) not in stage2
+        and Path(os.path.normpath(p)) not in stage1 + stage2
     )  # fmt: skip
-    family = Family(directory, stage1, stage2, list(runs), spec.get("sort_by"), bool(spec.get("descending", False)))
+    family = Family(
+        directory, stage1, stage2, runs, spec.get("sort_by"), spec.get("descending", False), strings("metrics") or None
+    )  # fmt: skip
     if len(set(family.runs)) != len(family.runs):
         raise ValueError(f"{spec_file}: `runs` lists a name twice: {family.runs}")
+    reserved = set(RESERVED) | {f"{r}-tokenizer" for r in family.runs if family.tokenizer_diff(r)}
+    clash = sorted(reserved & set(family.runs))
+    if clash:
+        raise ValueError(f"{spec_file}: run name(s) {clash} would share a folder with the family's own; rename them")
     for run in family.runs:
         if not family.run_config(run).is_file():
             raise FileNotFoundError(f"{spec_file}: run {run!r} has no config {family.run_config(run)}")
@@ -171,50 +186,85 @@ def run_sweep(
     stage2_args: str = "",
     out: str | Path | None = None,
 ) -> Path | None:
-    """Runs the family's fits that are not finished yet, then writes the comparison. Returns compare.md."""
+    """Runs the family's fits that are not finished yet, then compares every finished run of the family
+    (not only those of `--only`). Returns compare.md. Fits run one after another in this process; for
+    multi-GPU runs, launch the `--dry-run` commands instead (Lightning's DDP launcher re-runs the command)."""
     family = load_family(directory)
+    selected = family.runs
     if only:
         unknown = sorted(set(only) - set(family.runs))
         if unknown:
             raise ValueError(f"--only names unknown run(s) {unknown}; the family has {family.runs}")
-        family.runs = [r for r in family.runs if r in only]
-    fits = plan(family, root, wandb, shlex.split(stage1_args), shlex.split(stage2_args))
+        selected = [r for r in family.runs if r in only]
+    everything = plan(family, root, wandb, shlex.split(stage1_args), shlex.split(stage2_args))
+    own = set(selected) | {f"{r}-tokenizer" for r in selected}
+    if any(family.tokenizer_diff(r) is None for r in selected):
+        own.add("tokenizer")  # the shared tokenizer, when a selected run trains on it
+    fits = [f for f in everything if f.name in own]
     if dry_run:
         for fit in fits:
             print(fit.command())
         return None
 
-    from .demo import _finish_wandb
     from .fit import TokenizerCLI, TransformerCLI
+    from .loggers import finish_wandb
 
+    base = Path(root) / family.name
     failed = []
     for i, fit in enumerate(fits, 1):
-        if fit.export.exists() and not force:
+        # --force retrains the selected runs; the shared tokenizer only when missing (other runs use it)
+        forced = force and fit.name != "tokenizer"
+        if not forced and _finished(fit, base, family.sort_by):
             print(f"[sweep {family.name}] {i}/{len(fits)} {fit.stage} {fit.name}: done already ({fit.export})")
             continue
         print(f"[sweep {family.name}] {i}/{len(fits)} {fit.stage} {fit.name}\n  {fit.command()}", flush=True)
         start = time.perf_counter()
         try:
             (TokenizerCLI if fit.stage == "tokenizer" else TransformerCLI)(args=["fit", *fit.args])
-        except Exception as err:  # one broken run does not stop the family; reported at the end
-            failed.append(f"{fit.name}: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''}")
+        except (Exception, SystemExit) as err:  # one broken run (or config) does not stop the family
+            if isinstance(err, SystemExit) and err.code in (0, None):
+                continue
+            failed.append(f"{fit.name}: {type(err).__name__}: {first_line(err)}")
             print(f"[sweep {family.name}] {fit.name} FAILED: {failed[-1]}", flush=True)
         finally:
-            _finish_wandb()
+            finish_wandb()
         print(f"[sweep {family.name}] {fit.name}: {(time.perf_counter() - start) / 60:.1f} min", flush=True)
 
     from .compare import compare
 
-    base = Path(root) / family.name
-    done = [r for r in family.runs if (base / r / "csv").is_dir()]
+    done, missing = [], []
+    for r in family.runs:
+        (done if (base / r / "csv" / "metrics.csv").is_file() else missing).append(r)
+    if missing:
+        print(f"[sweep {family.name}] not compared (no metrics yet): {', '.join(missing)}")
     table = None
     if done:
-        table, plot = compare(
-            [base / r for r in done], out or base / "compare", family.sort_by, family.descending,
-            notes={r: family.notes[r] for r in done},
-        )  # fmt: skip
-        print(table.read_text())
-        print(f"table -> {table}\nplot  -> {plot}")
+        try:
+            table, plot = compare(
+                [base / r for r in done], out or base / "compare", family.sort_by, family.descending,
+                notes={r: family.notes[r] for r in done}, metrics=family.metrics,
+            )  # fmt: skip
+            print(table.read_text())
+            print(f"table -> {table}\nplot  -> {plot}")
+        except (ValueError, FileNotFoundError) as err:
+            failed.append(f"comparison: {first_line(err)}")
     if failed:
-        raise RuntimeError(f"{len(failed)} run(s) of {family.name} failed: " + "; ".join(failed))
+        raise RuntimeError(f"{len(failed)} problem(s) in family {family.name}: " + "; ".join(failed))
     return table
+
+
+def _finished(fit: PlannedFit, base: Path, sort_by: str | None) -> bool:
+    """A tokenizer fit is finished once exported; a transformer fit once exported *and* evaluated (its
+    metrics.csv has the family's ranking metric), so a run killed during evaluation is rerun."""
+    if not fit.export.exists():
+        return False
+    if fit.stage == "tokenizer" or not sort_by:
+        return True
+    metrics = base / fit.name / "csv" / "metrics.csv"
+    return metrics.is_file() and sort_by in metrics.read_text().splitlines()[0].split(",")
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's message reduced to its first non-empty line (user errors are one line)."""
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
