@@ -40,7 +40,9 @@ def test_bad_input_gives_one_line_errors(trained, tmp_path, capsys):
 def test_compare_two_runs_writes_table_and_plot(trained, tmp_path):
     table, plot = compare([trained["root"] / "tok", trained["root"] / "lm"], tmp_path / "cmp", sort_by="val/loss")
     text = table.read_text()
-    assert "| tok |" in text and "| lm |" in text and "val/psnr" in text and "val/loss_image" in text
+    rows = {line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ")}
+    assert {"tok", "**lm**"} <= rows, rows  # lm is the only run with val/loss, so it is the best and bold
+    assert "val/psnr" in text and "val/loss_image" in text
     assert Image.open(plot).size[0] > 300
 
 

@@ -31,7 +31,8 @@ def _family(tmp_path: Path) -> Path:
     (family / "common.yaml").write_text(
         "# tiny settings\nmodel: {model: {n_layers: 1, d_model: 32, n_heads: 2, ffn_hidden: 64}}\n"
         "data: {extra_val_splits: [heldout]}\nsamples: {prompts: []}\n"
-        "evaluation: {splits: [test, heldout], num_captions: 8, judge_train_images: 256, table_rows: 4}\n"
+        "evaluation: {splits: [test, heldout], num_captions: 8, judge_train_images: 256, table_rows: 4,"
+        " rerank: 2, reranker_train_pairs: 512}\n"
     )
     (family / "small.yaml").write_text("# the tiny baseline\nrun: {tags: [small]}\n")
     (family / "wide.yaml").write_text("# twice the width\nmodel: {model: {d_model: 64}}\n")
@@ -70,6 +71,8 @@ def test_sweep_runs_a_tiny_family_then_skips_it(tmp_path, hf_cache, capsys, monk
     curves = read_curves(tmp_path / "runs" / "fam" / "wide" / "csv" / "metrics.csv")
     assert "val_heldout/loss_image" in curves and "val/loss_image" in curves
     assert 0 <= curves["eval/test/caption_fidelity"][-1][1] <= 1
+    assert 0 <= curves["eval/heldout/caption_fidelity_without_rerank"][-1][1] <= 1  # reranked: 2 candidates
+    assert (tmp_path / "runs" / "fam" / "reranker").is_dir() and "eval/test/rerank_candidates" not in curves
     assert (tmp_path / "runs" / "fam" / "wide" / "eval_heldout.json").is_file()
     assert list((tmp_path / "runs" / "fam" / "wide" / "wandb").glob("offline-run-*/files/media/table/*"))
     capsys.readouterr()

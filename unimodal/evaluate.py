@@ -45,6 +45,7 @@ def evaluate_bundle(
     judge_config: JudgeConfig | None = None,
     rerank: int = 1,
     reranker_dir: str | Path | None = None,
+    reranker_train_pairs: int | None = None,
     details: dict | None = None,
 ) -> dict:
     """Metrics of one split as a JSON-friendly dict. Pass `details={}` to also get, per caption, the
@@ -86,7 +87,8 @@ def evaluate_bundle(
         from .rerank import rerank as keep_best
         from .rerank import reranker_for
 
-        scorer = reranker_for(bundle, reranker_dir or Path(judge_dir).parent / "reranker")
+        overrides = {"train_pairs": reranker_train_pairs} if reranker_train_pairs else {}
+        scorer = reranker_for(bundle, reranker_dir or Path(judge_dir).parent / "reranker", **overrides)
         first = generated[::rerank]
         generated, _ = keep_best(scorer, generated, bundle.text_tokenizer.encode_batch(captions), rerank)
         extra = {"rerank_candidates": rerank, "caption_fidelity_without_rerank": _rates(

@@ -303,6 +303,9 @@ class SampleGrid(L.Callback):
         log_image(trainer.loggers, "val/samples", grid, trainer.global_step)
 
 
+_NOT_METRICS = ("num_captions", "rerank_candidates")  # evaluation settings, not results
+
+
 class Evaluation(L.Callback):
     """At the end of fit, evaluates the trained system on built-in shapes splits (`evaluate.py`: caption
     fidelity, judge accuracy on real images, the tokenizer's PSNR and fidelity ceiling) and logs
@@ -317,8 +320,12 @@ class Evaluation(L.Callback):
         top_k: keep the k most likely allowed ids (None = all).
         cfg_scale: classifier-free guidance scale (1 = off; needs data.caption_dropout > 0).
         seed: sampling seed.
+        rerank: candidates per caption; the contrastive scorer of `rerank.py` (trained on the train
+            split, cached in `{run.root}/reranker`) keeps the best (1 = off). The first candidate's
+            fidelity is logged too, as `eval/{split}/caption_fidelity_without_rerank`.
         judge_dir: judge cache (default: `{run.root}/judge`, shared by the runs of a family).
         judge_train_images: generated scenes the judge trains on (once per cache).
+        reranker_train_pairs: training pairs the reranker trains on (once per cache).
         table_rows: rows per split in the W&B table.
     """
 
@@ -330,8 +337,10 @@ class Evaluation(L.Callback):
         top_k: int | None = None,
         cfg_scale: float = 1.0,
         seed: int = 0,
+        rerank: int = 1,
         judge_dir: str | None = None,
         judge_train_images: int = 8000,
+        reranker_train_pairs: int = 20000,
         table_rows: int = 32,
     ):
         from .evaluate import SPLITS
@@ -342,6 +351,9 @@ class Evaluation(L.Callback):
             raise ValueError(f"evaluation.splits takes {list(SPLITS)}, got {unknown}")
         self.num_captions, self.judge_dir, self.table_rows = num_captions, judge_dir, table_rows
         self.judge_train_images = judge_train_images
+        if rerank < 1:
+            raise ValueError(f"evaluation.rerank is the number of candidates per caption (>= 1), got {rerank}")
+        self.rerank, self.reranker_train_pairs = rerank, reranker_train_pairs
         self.params = SamplingParams(temperature=temperature, top_k=top_k, cfg_scale=cfg_scale, seed=seed)
         self._start = None
 
@@ -374,10 +386,11 @@ class Evaluation(L.Callback):
                 result = evaluate_bundle(
                     bundle, split, self.judge_dir or run_dir.parent / "judge", self.num_captions, self.params,
                     shapes=shapes, grid_path=run_dir / f"eval_{split}.png", details=details, judge_config=judge,
+                    rerank=self.rerank, reranker_train_pairs=self.reranker_train_pairs,
                 )  # fmt: skip
                 write_json(result, run_dir / f"eval_{split}.json")
                 for key, value in result.items():
-                    if isinstance(value, int | float) and not isinstance(value, bool) and key != "num_captions":
+                    if isinstance(value, int | float) and not isinstance(value, bool) and key not in _NOT_METRICS:
                         metrics[f"eval/{split}/{key}"] = float(value)
                 for key, value in result["fidelity_by_attribute"].items():
                     metrics[f"eval/{split}/fidelity_{key}"] = value
