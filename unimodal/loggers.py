@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,10 +67,10 @@ def build_loggers(run: RunConfig, config: dict | None = None) -> list[Logger]:
 
 
 def finish_wandb():
-    """Close the active W&B run, if any: the next fit run in this process starts its own."""
-    import wandb
-
-    if wandb.run is not None:
+    """Close the active W&B run, if any: the next fit run in this process starts its own. A process that
+    never imported wandb (every run had `run.wandb disabled`) has no run to close and needs no wandb."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
         wandb.finish()
 
 

@@ -10,6 +10,7 @@ SUBCOMMANDS = {
     "sample": "text-to-image sampling images/s and MFU (uncached, KV cache, static cache; batch 1 and 64)",
     "train": "stage-2 training tokens/s and MFU (Lightning vs bare loop); stage-1 images/s",
     "data": "input pipeline samples/s vs the model's consumption rate",
+    "profile": "where one training step or sampling call spends its time (torch.profiler + cProfile)",
 }
 
 

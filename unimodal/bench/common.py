@@ -23,19 +23,38 @@ def time_it(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, device:
     """Median seconds per call of `fn`, after `warmup` calls."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    sync(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 
 
-def _sync(device: str):
-    if device.startswith("cuda"):
+def sync(device: str | torch.device):
+    """Wait for queued GPU work, so wall-clock timers measure it (a no-op on CPU)."""
+    if str(device).startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_model_args(parser, n_layers: int = 4, d_model: int = 192, n_heads: int = 4, ffn_hidden: int = 512):
+    """The transformer-size flags shared by `bench train` and `bench sample` (defaults: the demo model)."""
+    parser.add_argument("--n-layers", type=int, default=n_layers)
+    parser.add_argument("--d-model", type=int, default=d_model)
+    parser.add_argument("--n-heads", type=int, default=n_heads)
+    parser.add_argument("--ffn-hidden", type=int, default=ffn_hidden)
+
+
+def model_config(args):
+    from ..model import TransformerConfig
+
+    return TransformerConfig(args.n_layers, args.d_model, args.n_heads, args.ffn_hidden)
 
 
 def print_table(title: str, rows: list[dict], json_path: str | None = None, extra: dict | None = None):

@@ -13,6 +13,8 @@ than that, which is exactly what its low MFU shows.
     python -m unimodal.bench sample                       # fresh default-size model, 8x8 codes
     python -m unimodal.bench sample --grid 16             # 256-token images
     python -m unimodal.bench sample --bundle runs/x/export
+    python -m unimodal.bench sample --device cuda --grid 16 --codebook 1024 --n-layers 12 --d-model 768 \
+        --n-heads 12 --ffn-hidden 2048               # GPU-sized
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ import time
 
 import torch
 
-from ..model import TransformerConfig, build_transformer
+from ..model import build_transformer
 from ..sampling import SamplingParams, generate_codes
 from ..vocab import JointVocab
-from .common import measured_peak_flops, print_table, time_it
+from .common import add_model_args, default_device, measured_peak_flops, model_config, print_table, time_it
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MODES = {
     "none": {"use_cache": False},
     "dynamic": {"cache": "dynamic"},
@@ -54,9 +57,10 @@ def _model(args):
         return bundle.transformer, bundle.vocab, prompt, f"bundle {args.bundle}"
     vocab = JointVocab(text_size=1024, image_size=args.codebook, image_grid=(args.grid, args.grid))
     torch.manual_seed(0)
-    model = build_transformer(TransformerConfig(), vocab).to(args.device).eval()
+    model = build_transformer(model_config(args), vocab).to(args.device, DTYPES[args.dtype]).eval()
     prompt = vocab.prompt(list(range(3, 3 + 12)))  # a 12-token caption
-    return model, vocab, prompt, f"fresh default TransformerConfig, {args.grid}x{args.grid} codes, K={args.codebook}"
+    size = f"{args.n_layers} layers, d={args.d_model}, {args.dtype}"
+    return model, vocab, prompt, f"fresh model ({size}), {args.grid}x{args.grid} codes, K={args.codebook}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundle", default=None, help="a trained bundle (default: a freshly initialised model)")
     p.add_argument("--grid", type=int, default=8, help="code grid side for the fresh model (16 = 256-token images)")
     p.add_argument("--codebook", type=int, default=512, help="codebook size K for the fresh model")
+    add_model_args(p)
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights of the fresh model")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64], help="batch sizes (default 1 64)")
     p.add_argument("--modes", nargs="+", default=None, choices=list(MODES),
                    help="cache modes (default: none dynamic static, + static+compile on GPU; on CPU add it by "
@@ -77,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         help="a row whose first call takes longer is timed by that call alone (not compiled rows)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=default_device())
     p.add_argument("--json", default=None, help="also write the table here")
     args = p.parse_args(argv)
     if args.threads:

@@ -3,7 +3,12 @@
 FLOPs per token = 6 * N_params + 12 * n_layers * d_model * seq_len (nanoGPT / PaLM appendix B).
 Both loops train the same model on the same synthetic batches (ids laid out as real sequences:
 `<bos> text <boi> codes <eoi> <eos>`); the Lightning loop is `Trainer.fit` with logging, checkpoints
-and progress bar off, timed by a callback from the first timed step to the last.
+and progress bar off, timed by a callback from the first timed step to the last. On a GPU the peak is
+the measured bf16 matmul rate, so fp32 rows show how far they are from what bf16 autocast reaches.
+
+    python -m unimodal.bench train --bf16                  # this CPU, the demo model
+    python -m unimodal.bench train --device cuda --bf16 --n-layers 12 --d-model 768 --n-heads 12 \
+        --ffn-hidden 2048 --grid 16 --codebook 1024        # GPU-sized: 256-token images, ~90M params
 """
 
 from __future__ import annotations
@@ -15,9 +20,8 @@ import lightning as L
 import torch
 
 from ..lit import TokenizerModule, TransformerModule
-from ..model import TransformerConfig
 from ..vocab import JointVocab
-from .common import measured_peak_flops, print_table
+from .common import add_model_args, default_device, measured_peak_flops, model_config, print_table, sync
 
 
 def synthetic_batches(vocab: JointVocab, batch_size: int, text_len: int, n: int, seed: int = 0) -> list[dict]:
@@ -37,18 +41,26 @@ def flops_per_token(module: TransformerModule, seq_len: int) -> float:
     return 6 * n_params + 12 * cfg["n_layers"] * cfg["d_model"] * seq_len
 
 
-def bare_loop(module: TransformerModule, batches: list[dict], warmup: int, fused: bool = False) -> float:
-    """Seconds per step of a plain PyTorch loop over the same module (forward, loss, backward, AdamW)."""
+def bare_loop(
+    module: TransformerModule, batches: list[dict], warmup: int, fused: bool = False, bf16: bool = False
+) -> float:
+    """Seconds per step of a plain PyTorch loop over the same module (forward, loss, backward, AdamW),
+    on the device the module is on; `bf16` runs forward and loss under bf16 autocast."""
+    device = next(module.parameters()).device
     opt = torch.optim.AdamW(module.model.parameters(), lr=1e-4, fused=fused or None)
     module.train()
     start = None
     for i, batch in enumerate(batches):
         if i == warmup:
+            sync(device)
             start = time.perf_counter()
-        loss, _ = module._loss(batch)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = module._loss(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    sync(device)
     return (time.perf_counter() - start) / (len(batches) - warmup)
 
 
@@ -58,20 +70,24 @@ class _StepTimer(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == self.warmup:
+            sync(pl_module.device)
             self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if batch_idx >= self.warmup:
+            sync(pl_module.device)
             self.end, self.steps = time.perf_counter(), self.steps + 1
 
 
-def lightning_loop(module: L.LightningModule, batches: list, warmup: int, precision: str = "32-true") -> float:
+def lightning_loop(
+    module: L.LightningModule, batches: list, warmup: int, precision: str = "32-true", device: str = "cpu"
+) -> float:
     """Seconds per step of `Trainer.fit` over the same batches (no logger, checkpoints or progress bar)."""
     timer = _StepTimer(warmup)
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=len(batches), logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer], precision=precision,
-        num_sanity_val_steps=0, limit_val_batches=0,
+        accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1, max_steps=len(batches), logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+        precision=precision, num_sanity_val_steps=0, limit_val_batches=0,
     )  # fmt: skip
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
     trainer.fit(module, train_dataloaders=loader)
@@ -82,21 +98,21 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m unimodal.bench train", description=__doc__)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--text-len", type=int, default=16, help="caption tokens per sequence")
-    p.add_argument("--n-layers", type=int, default=4)
-    p.add_argument("--d-model", type=int, default=192)
-    p.add_argument("--n-heads", type=int, default=4)
-    p.add_argument("--ffn-hidden", type=int, default=512)
+    add_model_args(p)
     p.add_argument("--grid", type=int, default=8, help="image tokens = grid^2")
     p.add_argument("--codebook", type=int, default=512)
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--bf16", action="store_true", help="also time bf16 autocast (bf16-mixed)")
+    p.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda when available)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
-    peak = measured_peak_flops()
+    device = args.device
+    peak = measured_peak_flops(device)
+    peak_name = "bf16 peak" if device.startswith("cuda") else "fp32 peak"
     vocab = JointVocab(text_size=400, image_size=args.codebook, image_grid=(args.grid, args.grid), max_text_tokens=32)
-    config = TransformerConfig(args.n_layers, args.d_model, args.n_heads, args.ffn_hidden)
+    config = model_config(args)
     batches = synthetic_batches(vocab, args.batch_size, args.text_len, args.steps)
     seq_len = batches[0]["input_ids"].shape[1]
     tokens = args.batch_size * seq_len
@@ -105,27 +121,30 @@ def main(argv: list[str]) -> int:
 
     def row(loop: str, seconds: float, fpt: float):
         rows.append({"loop": loop, "tokens/s": tokens / seconds, "step ms": 1000 * seconds,
-                     "MFU (fp32 peak)": tokens / seconds * fpt / peak})  # fmt: skip
+                     f"MFU ({peak_name})": tokens / seconds * fpt / peak})  # fmt: skip
 
-    torch.manual_seed(0)
-    module = TransformerModule(vocab=vocab, model=config)
+    def fresh() -> TransformerModule:
+        torch.manual_seed(0)
+        return TransformerModule(vocab=vocab, model=config).to(device)
+
+    module = fresh()
     fpt = flops_per_token(module, seq_len)
     row("bare PyTorch", bare_loop(module, batches, args.warmup), fpt)
-    row("bare PyTorch, fused AdamW", bare_loop(module, batches, args.warmup, fused=True), fpt)
-    row(
-        "Lightning Trainer.fit", lightning_loop(TransformerModule(vocab=vocab, model=config), batches, args.warmup), fpt
-    )
+    row("bare PyTorch, fused AdamW", bare_loop(fresh(), batches, args.warmup, fused=True), fpt)
+    row("Lightning Trainer.fit", lightning_loop(fresh(), batches, args.warmup, device=device), fpt)
     if args.bf16:
-        module = TransformerModule(vocab=vocab, model=config)
-        row("Lightning, bf16-mixed", lightning_loop(module, batches, args.warmup, "bf16-mixed"), fpt)
+        row("bare PyTorch, bf16 autocast", bare_loop(fresh(), batches, args.warmup, bf16=True), fpt)
+        row("Lightning, bf16-mixed", lightning_loop(fresh(), batches, args.warmup, "bf16-mixed", device), fpt)
 
     images = [torch.rand(args.batch_size, 3, 32, 32) * 2 - 1 for _ in range(args.steps)]
-    stage1 = lightning_loop(TokenizerModule(), images, args.warmup)
+    stage1 = lightning_loop(TokenizerModule(), images, args.warmup, device=device)
     ratio = rows[2]["tokens/s"] / rows[0]["tokens/s"]
-    extra = {"peak_flops": peak, "seq_len": seq_len, "flops_per_token": fpt, "lightning_over_bare": ratio,
-             "stage1_images_per_s": args.batch_size / stage1}  # fmt: skip
-    print(f"measured fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s; seq_len {seq_len}; {fpt / 1e6:.2f} MFLOP/token")
-    print_table("stage-2 training", rows, args.json, extra)
+    extra = {"device": device, "peak_flops": peak, "seq_len": seq_len, "flops_per_token": fpt,
+             "lightning_over_bare": ratio, "stage1_images_per_s": args.batch_size / stage1}  # fmt: skip
+    n_params = sum(p.numel() for p in module.model.parameters())
+    print(f"{device}: measured {peak_name} {peak / 1e9:.1f} GFLOP/s; {n_params / 1e6:.1f}M params; seq_len {seq_len}; "
+          f"{fpt / 1e6:.2f} MFLOP/token")  # fmt: skip
+    print_table(f"stage-2 training ({device})", rows, args.json, extra)
     print(f"\nLightning / bare tokens/s: {ratio:.3f}")
     print(
         f"stage-1 (default tokenizer, batch {args.batch_size}) Lightning loop: {args.batch_size / stage1:.1f} images/s"
