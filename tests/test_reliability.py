@@ -214,6 +214,28 @@ def test_ddp_on_two_cpu_processes_matches_one_process(trained, tmp_path, hf_cach
         assert x == pytest.approx(y, rel=2e-3)
 
 
+def test_stage1_ddp_on_two_cpu_processes_matches_one_process(tmp_path, hf_cache):
+    """The image tokenizer under DDP (gloo, 2 x 32 images) ends with the weights of 1 process x 64. EMA codebook
+    with dead-code restart: codebook init and restarts draw from the global batch with the same seeded draws,
+    EMA statistics are all-reduced, gradients averaged."""
+    from safetensors.torch import load_file
+
+    steps = ["--trainer.max_steps", "6", "--model.model.quantizer", "ema", "--model.model.restart_window", "2"]
+    single = _tokenizer_fit(tmp_path, hf_cache, "single", *steps, "--data.batch_size", "64")
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = _tokenizer_fit(
+        tmp_path, hf_cache, "ddp", *steps, "--data.batch_size", "32",
+        "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+    )  # fmt: skip
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    a = load_file(tmp_path / "single" / "export" / "model.safetensors")
+    b = load_file(tmp_path / "ddp" / "export" / "model.safetensors")
+    assert a.keys() == b.keys()
+    worst = max(float((a[k].float() - b[k].float()).abs().max() / (a[k].float().abs().max() + 1e-8)) for k in a)
+    print("largest relative weight difference, DDP vs 1 process:", worst)
+    assert worst < 1e-3
+
+
 def test_streaming_shards_cover_the_epoch_once_across_two_ranks():
     import datasets
 

@@ -3,7 +3,8 @@
     forward(z (B, D, h, w)) -> QuantizerOutput(z_q (B, D, h, w), codes (B, h, w), loss, stats)
     encode(z (B, D, h, w)) -> codes (B, h, w)     deterministic, no side effects (tokenizing)
     lookup(codes (B, h, w)) -> z_q (B, D, h, w)   (detokenizing)
-    set_step(step)                                training step, for schedules (Gumbel temperature)
+    set_step(step)                                training step, for schedules (Gumbel temperature) and
+                                                  the seed of a codebook's random draws
 
 | name     | what                                                                  | as in                  |
 |----------|-----------------------------------------------------------------------|------------------------|
@@ -87,6 +88,10 @@ class VectorQuantizer(Quantizer):
         nn.init.uniform_(self.codebook.weight, -1.0 / codebook_size, 1.0 / codebook_size)
         self.register_buffer("initialized", torch.tensor(False))
         self.register_buffer("unused_steps", torch.zeros(codebook_size, dtype=torch.long))
+        self.step = 0
+
+    def set_step(self, step: int):
+        self.step = step
 
     def _project(self, z: torch.Tensor) -> torch.Tensor:
         """Encoder output (B, D, h, w) -> the lookup space (B, d, h, w)."""
@@ -115,11 +120,17 @@ class VectorQuantizer(Quantizer):
 
     @torch.no_grad()
     def _random_rows(self, flat: torch.Tensor, n: int) -> torch.Tensor:
-        # Under DDP draw from the *global* batch (ranks' rows in rank order, the same draws on every
-        # rank), so all ranks seed identical codes and N processes match one with the whole batch.
+        """`n` rows of the *global* batch (under DDP: ranks' rows in rank order), slightly jittered.
+
+        The draws come from a generator seeded by (run seed, training step), not from the global RNG,
+        whose state at this point differs between a 1-process and an N-process run (and could differ
+        between ranks): so every rank seeds identical codes, and N processes match one process with the
+        whole batch."""
         flat = _all_gather_rows(flat)
-        idx = torch.randint(0, flat.shape[0], (n,), device=flat.device)
-        return flat[idx] + 1e-3 * flat.std() * torch.randn_like(flat[idx])
+        g = torch.Generator(device=flat.device).manual_seed((torch.initial_seed() * 1_000_003 + self.step) % 2**63)
+        idx = torch.randint(0, flat.shape[0], (n,), device=flat.device, generator=g)
+        noise = torch.randn((n, flat.shape[1]), device=flat.device, dtype=flat.dtype, generator=g)
+        return flat[idx] + 1e-3 * flat.std() * noise
 
     @torch.no_grad()
     def _restart_dead(self, flat: torch.Tensor, codes: torch.Tensor) -> int:
