@@ -51,6 +51,34 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, hf_cache):
         assert a[s] == pytest.approx(b[s], rel=1e-5, abs=1e-7), f"step {s}: uninterrupted {a[s]} vs resumed {b[s]}"
 
 
+_KILLED_WHILE_SAVING = """
+import os, signal, sys, torch
+from fsspec.implementations.local import LocalFileOpener
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+def write_half_then_die(self, data):
+    self.f.write(bytes(data)[: len(data) // 2])
+    self.f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+LocalFileOpener.write = write_half_then_die
+TorchCheckpointIO().save_checkpoint({"global_step": 2, "w": torch.ones(100_000)}, sys.argv[1])
+"""
+
+
+def test_a_kill_while_saving_leaves_the_previous_checkpoint_whole(tmp_path):
+    """Lightning's checkpoint IO (what ModelCheckpoint uses) writes to a temporary file and renames it: a
+    process SIGKILLed halfway through writing last.ckpt leaves the previous last.ckpt intact."""
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    last = tmp_path / "last.ckpt"
+    TorchCheckpointIO().save_checkpoint({"global_step": 1, "w": torch.zeros(100_000)}, last)
+    killed = subprocess.run([sys.executable, "-c", _KILLED_WHILE_SAVING, str(last)], capture_output=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    kept = torch.load(last, weights_only=True)
+    assert kept["global_step"] == 1 and torch.equal(kept["w"], torch.zeros(100_000))
+
+
 def test_epoch_sampler_shards_global_batches_and_resumes():
     n, bs = 103, 8
     single = list(EpochSampler(n, bs * 2, seed=1))
