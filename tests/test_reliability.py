@@ -242,6 +242,26 @@ def test_ddp_on_two_cpu_processes_matches_one_process(trained, tmp_path, hf_cach
         assert x == pytest.approx(y, rel=2e-3)
 
 
+def test_stage2_sigkill_then_resume_equals_uninterrupted_and_keeps_the_logged_rows(trained, tmp_path, hf_cache):
+    """Stage 2 through the CLI: killed at step 7 (last checkpoint at 6), resumed with --ckpt_path, it logs the
+    uninterrupted run's losses; metrics.csv still holds the rows logged before the kill."""
+    every = ["--run.checkpoint_every_n_steps", "3"]
+    whole = _transformer_fit(tmp_path, hf_cache, trained["tokenizer"], "whole", *every)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    kill = '--trainer.callbacks+={"class_path": "tests.kill_callback.KillAt", "init_args": {"step": 7}}'
+    killed = _transformer_fit(tmp_path, hf_cache, trained["tokenizer"], "killed", *every, kill)
+    assert killed.returncode == -9, "the run was meant to die by SIGKILL"
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    resumed = _transformer_fit(tmp_path, hf_cache, trained["tokenizer"], "killed", *every, "--ckpt_path", str(last))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    a = dict(read_curves(tmp_path / "whole" / "csv" / "metrics.csv")["train/loss"])
+    b = dict(read_curves(tmp_path / "killed" / "csv" / "metrics.csv")["train/loss"])
+    assert sorted(a) == sorted(b) == list(range(8))  # rows before the resume kept, none twice
+    for s in sorted(a):
+        assert a[s] == pytest.approx(b[s], rel=1e-5, abs=1e-7), f"step {s}: uninterrupted {a[s]} vs resumed {b[s]}"
+
+
 def test_stage1_ddp_on_two_cpu_processes_matches_one_process(tmp_path, hf_cache):
     """The image tokenizer under DDP (gloo, 2 x 32 images) ends with the weights of 1 process x 64. EMA codebook
     with dead-code restart: codebook init and restarts draw from the global batch with the same seeded draws,

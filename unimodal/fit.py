@@ -72,6 +72,24 @@ class _FitCLI(LightningCLI):
         if "weights_only" in {a.dest for a in parser._actions}:
             parser.set_defaults(weights_only=True)  # resuming never unpickles arbitrary objects
 
+    def _parse_ckpt_path(self) -> None:
+        """On resume LightningCLI re-applies the checkpoint's model hyperparameters to the config. The stage-2
+        `vocab` among them is a record of the vocabulary linked from the data module (with derived fields such
+        as `size`), not a model argument: it is left out so that it cannot fail to parse, and the data module
+        links the vocabulary as in the first run."""
+        if not self.config.get("subcommand"):
+            return
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+        if not (ckpt_path and Path(ckpt_path).is_file()):
+            return
+        ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        self._resume_step = ckpt.get("global_step")
+        hparams = ckpt.get("hyper_parameters") or {}
+        hparams.pop("_instantiator", None)
+        hparams.pop("vocab", None)
+        if hparams:
+            self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
+
     def _run_config(self) -> RunConfig:
         return self._get(self.config_init, "run")
 
@@ -81,7 +99,7 @@ class _FitCLI(LightningCLI):
         export.dir = export.dir or str(run.dir / "export")
         config = self.config if self.subcommand is None else self.config[self.subcommand]
         config = _primitive(config.as_dict())
-        kwargs.setdefault("logger", build_loggers(run, config))
+        kwargs.setdefault("logger", build_loggers(run, config, getattr(self, "_resume_step", None)))
         kwargs.setdefault("default_root_dir", str(run.dir))
         callbacks = list(self._get(self.config_init, "trainer.callbacks") or [])
         if not any(isinstance(c, ModelCheckpoint) for c in callbacks):  # unless the config brings its own

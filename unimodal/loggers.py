@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 
 @dataclass
@@ -47,10 +49,41 @@ def wandb_logged_in() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-def build_loggers(run: RunConfig, config: dict | None = None) -> list[Logger]:
-    """CSVLogger always (offline comparison); WandbLogger unless disabled, logging `config` as run config."""
+class ResumableCSVLogger(CSVLogger):
+    """Lightning's CSVLogger, except that a run resumed at step N keeps the rows it logged before N
+    (Lightning's writer deletes an existing metrics.csv when it opens the folder); rows from N on are
+    dropped, since the resumed run logs those steps again."""
+
+    def __init__(self, *args, resume_step: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.resume_step = resume_step
+
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is not None or self.resume_step is None:
+            return super().experiment
+        path = Path(self.log_dir) / ExperimentWriter.NAME_METRICS_FILE
+        header, rows = [], []
+        if path.is_file():
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                header = list(reader.fieldnames or [])
+                rows = [r for r in reader if int(float(r.get("step") or 0)) < self.resume_step]
+        writer = super().experiment  # removes metrics.csv
+        if rows:
+            with open(path, "w", newline="") as f:
+                out = csv.DictWriter(f, fieldnames=header)
+                out.writeheader()
+                out.writerows(rows)
+            writer.metrics_keys = header
+        return writer
+
+
+def build_loggers(run: RunConfig, config: dict | None = None, resume_step: int | None = None) -> list[Logger]:
+    """CSVLogger always (offline comparison); WandbLogger unless disabled, logging `config` as run config.
+    `resume_step`: the run resumes from a checkpoint at that step, so the CSV rows before it are kept."""
     run.dir.mkdir(parents=True, exist_ok=True)
-    loggers: list[Logger] = [CSVLogger(save_dir=str(run.dir), name="csv", version="")]
+    loggers: list[Logger] = [ResumableCSVLogger(save_dir=str(run.dir), name="csv", version="", resume_step=resume_step)]
     if run.wandb != "disabled":
         offline = run.wandb == "offline" or (run.wandb == "auto" and not wandb_logged_in())
         wandb_logger = WandbLogger(
