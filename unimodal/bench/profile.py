@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from .common import print_table
+from .common import add_model_args, model_config, print_table
 
 
 def _operator_rows(prof, top: int, wall_us: float) -> list[dict]:
@@ -33,7 +33,7 @@ def _operator_rows(prof, top: int, wall_us: float) -> list[dict]:
             "calls": e.count,
             "self ms": e.self_cpu_time_total / 1e3,
             "% of wall": 100 * e.self_cpu_time_total / wall_us,
-        }  # fmt: skip
+        }
         for e in events[:top]
     ]
 
@@ -83,6 +83,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("target", choices=["train", "sample"], help="a training step or a sampling call")
     p.add_argument("--batch", type=int, default=64, help="batch size (sequences / images)")
     p.add_argument("--grid", type=int, default=8, help="image tokens = grid^2")
+    add_model_args(p)
     p.add_argument("--steps", type=int, default=4, help="training steps per profiled call (train)")
     p.add_argument("--cache", default="dynamic", choices=["none", "dynamic", "static"], help="KV cache (sample)")
     p.add_argument("--top", type=int, default=15, help="rows per table")
@@ -92,7 +93,6 @@ def main(argv: list[str]) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    from ..model import TransformerConfig
     from ..vocab import JointVocab
 
     vocab = JointVocab(text_size=1024, image_size=512, image_grid=(args.grid, args.grid), max_text_tokens=32)
@@ -100,7 +100,7 @@ def main(argv: list[str]) -> int:
         from ..lit import TransformerModule
         from .train import bare_loop, synthetic_batches
 
-        module = TransformerModule(vocab=vocab, model=TransformerConfig())
+        module = TransformerModule(vocab=vocab, model=model_config(args))
         batches = synthetic_batches(vocab, args.batch, 16, args.steps)
         label = f"{args.steps} training steps, batch {args.batch}, seq {batches[0]['input_ids'].shape[1]}"
         profile_call(lambda: bare_loop(module, batches, warmup=0), label, args.top, args.json)
@@ -108,7 +108,7 @@ def main(argv: list[str]) -> int:
         from ..model import build_transformer
         from ..sampling import SamplingParams, generate_codes
 
-        model = build_transformer(TransformerConfig(), vocab).eval()
+        model = build_transformer(model_config(args), vocab).eval()
         prompts = [vocab.prompt(list(range(3, 15)))] * args.batch
         mode = {"use_cache": False} if args.cache == "none" else {"cache": args.cache}
         params = SamplingParams(seed=0, batch_size=args.batch, **mode)
