@@ -115,6 +115,32 @@ def test_restart_during_training_keeps_autograd_intact(quantizer):
     assert restarted > 0
 
 
+def test_entropy_term_spreads_a_collapsed_codebook():
+    """Encoder outputs bunched in one cone use 6 of 16 random L2 codes; 60 Adam steps on the
+    quantizer's loss (commitment + entropy) spread them over more codes, while without the entropy
+    term the commitment loss keeps them where they are."""
+    from unimodal.quantizers import L2Quantizer
+
+    def codes_used(entropy_weight: float) -> tuple[int, int]:
+        torch.manual_seed(0)
+        q = L2Quantizer(16, code_dim=4, lookup_dim=4, entropy_weight=entropy_weight, entropy_temperature=0.1)
+        q.train().initialized.fill_(True)  # keep the random codebook (no data init)
+        with torch.no_grad():
+            q.codebook.weight.copy_(torch.randn(16, 4))
+        z = (torch.tensor([1.0, 0, 0, 0]).view(1, 4, 1, 1) + 0.2 * torch.randn(4, 4, 4, 4)).requires_grad_()
+        before = q.encode(z).unique().numel()
+        opt = torch.optim.Adam([z], lr=0.05)
+        for _ in range(60):
+            opt.zero_grad()
+            q(z).loss.backward()
+            opt.step()
+        return before, q.encode(z.detach()).unique().numel()
+
+    before, with_entropy = codes_used(1.0)
+    assert codes_used(0.0) == (before, before)
+    assert with_entropy >= before + 3
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -122,6 +148,8 @@ def test_restart_during_training_keeps_autograd_intact(quantizer):
         (dict(quantizer="gumbel", restart_window=10), "restart_window"),
         (dict(quantizer="nope"), "unknown quantizer"),
         (dict(gumbel_temperature=[0.1, 1.0]), "gumbel_temperature"),
+        (dict(quantizer="fsq", codebook_size=1024, entropy_weight=0.1), "entropy_weight"),
+        (dict(entropy_temperature=0.0), "entropy_temperature"),
     ],
 )
 def test_bad_quantizer_settings_are_clear_errors(extra, message):

@@ -34,6 +34,8 @@ class ImageTokenizerConfig:
     quantizer: str = "vq"  # vq | ema | l2 | gumbel | fsq (see unimodal.quantizers)
     beta: float = 0.25  # commitment weight (vq, ema, l2)
     restart_window: int = 0  # vq/ema/l2: re-seed codes unused for this many training steps (0 = never)
+    entropy_weight: float = 0.0  # vq/ema/l2: weight of the codebook entropy term (0 = off; MaskGIT/LlamaGen)
+    entropy_temperature: float = 0.01  # vq/ema/l2: softmax temperature over -distance for that term
     ema_decay: float = 0.99  # ema: codebook moving-average decay
     lookup_dim: int = 8  # l2: dimension of the normalised codes (1x1 projections in/out of code_dim)
     gumbel_temperature: list[float] = field(default_factory=lambda: [1.0, 0.0625])  # gumbel: start, end
@@ -53,6 +55,13 @@ class ImageTokenizerConfig:
             raise ValueError(
                 f"restart_window applies to codebook quantizers {list(CODEBOOK_QUANTIZERS)}, not "
                 f"{self.quantizer!r}; set restart_window: 0"
+            )
+        if self.entropy_weight < 0 or self.entropy_temperature <= 0:
+            raise ValueError("entropy_weight must be >= 0 and entropy_temperature > 0")
+        if self.entropy_weight and self.quantizer not in CODEBOOK_QUANTIZERS:
+            raise ValueError(
+                f"entropy_weight applies to codebook quantizers {list(CODEBOOK_QUANTIZERS)}, not "
+                f"{self.quantizer!r}; set entropy_weight: 0"
             )
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")

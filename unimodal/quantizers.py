@@ -16,7 +16,9 @@
 
 The codebook variants (`vq`, `ema`, `l2`) start from the first training batch's encoder outputs
 and can re-seed codes unused for `restart_window` training steps from the current batch
-(`stats["restarted_codes"]`).
+(`stats["restarted_codes"]`). They can also add an entropy term (`entropy_weight`, as in MaskGIT /
+LlamaGen): each position's soft assignment over the codes should be confident, while the batch's
+average assignment should spread over the whole codebook.
 """
 
 from __future__ import annotations
@@ -80,10 +82,12 @@ class VectorQuantizer(Quantizer):
     """
 
     def __init__(self, codebook_size: int, code_dim: int, beta: float = 0.25, restart_window: int = 0,
-                 lookup_dim: int | None = None):  # fmt: skip
+                 lookup_dim: int | None = None, entropy_weight: float = 0.0,
+                 entropy_temperature: float = 0.01):  # fmt: skip
         super().__init__()
         self.beta = beta
         self.restart_window = restart_window
+        self.entropy_weight, self.entropy_temperature = entropy_weight, entropy_temperature
         self.codebook = nn.Embedding(codebook_size, lookup_dim or code_dim)
         nn.init.uniform_(self.codebook.weight, -1.0 / codebook_size, 1.0 / codebook_size)
         self.register_buffer("initialized", torch.tensor(False))
@@ -112,11 +116,24 @@ class VectorQuantizer(Quantizer):
     def _codebook_loss(self, flat: torch.Tensor, q: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(q, flat.detach())
 
+    def _distances(self, flat: torch.Tensor) -> torch.Tensor:
+        """(M, d) -> (M, K) squared L2 distance to every code."""
+        w = self._weights()
+        return flat.pow(2).sum(1, keepdim=True) - 2 * flat @ w.t() + w.pow(2).sum(1)[None]
+
     def nearest(self, flat: torch.Tensor) -> torch.Tensor:
         """(M, d) -> (M,) index of the nearest code (squared L2)."""
-        w = self._weights()
-        d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ w.t() + w.pow(2).sum(1)[None]
-        return d.argmin(1)
+        return self._distances(flat).argmin(1)
+
+    def _entropy_loss(self, flat: torch.Tensor) -> torch.Tensor:
+        """Mean per-position entropy of softmax(-distance / T) minus the entropy of the batch's mean
+        assignment (global batch under DDP is not needed: each rank's term pushes the same way)."""
+        log_p = (-self._distances(flat) / self.entropy_temperature).log_softmax(1)  # (M, K)
+        p = log_p.exp()
+        per_position = -(p * log_p).sum(1).mean()
+        mean_p = p.mean(0)
+        batch = -(mean_p * mean_p.clamp_min(1e-12).log()).sum()
+        return per_position - batch
 
     @torch.no_grad()
     def _random_rows(self, flat: torch.Tensor, n: int) -> torch.Tensor:
@@ -158,6 +175,10 @@ class VectorQuantizer(Quantizer):
             stats["restarted_codes"] = float(self._restart_dead(flat.detach(), codes))
         q = self._weights()[codes]  # (B*h*w, d); restarted codes are unused in this batch, so q is unchanged
         loss = self._codebook_loss(flat, q, codes) + self.beta * F.mse_loss(flat, q.detach())
+        if self.training and self.entropy_weight > 0:
+            entropy = self._entropy_loss(flat)
+            loss = loss + self.entropy_weight * entropy
+            stats["entropy_loss"] = float(entropy.detach())
         q = flat + (q - flat).detach()  # straight-through
         return QuantizerOutput(z_q=self._unproject(_from_flat(q, b, h, w)), codes=codes.view(b, h, w),
                                loss=loss, stats=stats)  # fmt: skip
@@ -180,8 +201,8 @@ class EMAQuantizer(VectorQuantizer):
     remains."""
 
     def __init__(self, codebook_size: int, code_dim: int, beta: float = 0.25, restart_window: int = 0,
-                 decay: float = 0.99, eps: float = 1e-5):  # fmt: skip
-        super().__init__(codebook_size, code_dim, beta, restart_window)
+                 decay: float = 0.99, eps: float = 1e-5, **entropy):  # fmt: skip
+        super().__init__(codebook_size, code_dim, beta, restart_window, **entropy)
         self.decay, self.eps = decay, eps
         self.codebook.weight.requires_grad_(False)
         self.register_buffer("cluster_size", torch.ones(codebook_size))
@@ -219,8 +240,8 @@ class L2Quantizer(VectorQuantizer):
     normalised codes keep usage high with large codebooks."""
 
     def __init__(self, codebook_size: int, code_dim: int, beta: float = 0.25, restart_window: int = 0,
-                 lookup_dim: int = 8):  # fmt: skip
-        super().__init__(codebook_size, code_dim, beta, restart_window, lookup_dim)
+                 lookup_dim: int = 8, **entropy):  # fmt: skip
+        super().__init__(codebook_size, code_dim, beta, restart_window, lookup_dim, **entropy)
         self.proj_in = nn.Conv2d(code_dim, lookup_dim, 1) if lookup_dim != code_dim else nn.Identity()
         self.proj_out = nn.Conv2d(lookup_dim, code_dim, 1) if lookup_dim != code_dim else nn.Identity()
 
@@ -327,7 +348,8 @@ CODEBOOK_QUANTIZERS = ("vq", "ema", "l2")  # the ones with codes that can die (a
 
 def build_quantizer(c: ImageTokenizerConfig) -> Quantizer:
     """The quantizer named by `c.quantizer`, with its options from the config."""
-    common = dict(beta=c.beta, restart_window=c.restart_window)
+    common = dict(beta=c.beta, restart_window=c.restart_window, entropy_weight=c.entropy_weight,
+                  entropy_temperature=c.entropy_temperature)  # fmt: skip
     if c.quantizer == "vq":
         return VectorQuantizer(c.codebook_size, c.code_dim, **common)
     if c.quantizer == "ema":

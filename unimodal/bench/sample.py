@@ -8,7 +8,9 @@ tokens/s, and MFU against this machine's matmul peak measured in the same run.
 
 MFU counts useful FLOPs only: per generated token 2 * (non-embedding params + lm-head params)
 plus the attention term 4 * layers * d_model * context; full recomputation does far more work
-than that, which is exactly what its low MFU shows.
+than that, which is exactly what its low MFU shows. The `linear-layers bound` column is the
+fraction of peak the model's own linear layers reach by themselves at that batch (one decoding
+step's products, timed without anything else): the ceiling of a decoding step's MFU.
 
     python -m unimodal.bench sample                       # fresh default-size model, 8x8 codes
     python -m unimodal.bench sample --grid 16             # 256-token images
@@ -46,6 +48,22 @@ def flops_per_token(model, vocab: JointVocab, prompt_len: int) -> float:
     head = cfg.vocab_size * cfg.hidden_size
     context = prompt_len + vocab.image_tokens / 2  # mean attended length while drawing the image
     return 2 * (dense + head) + 4 * cfg.num_hidden_layers * cfg.hidden_size * context
+
+
+def linear_bound(model, batch: int, device: str, peak: float) -> float:
+    """Fraction of peak that the model's linear layers alone (every nn.Linear, lm head included, one
+    (batch, in) x (in, out) product each, nothing else) reach at this batch: the MFU a decoding step
+    could reach if attention, sampling and Python cost nothing. Small batches make skinny matmuls."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = [torch.randn(batch, m.in_features, device=device, dtype=m.weight.dtype) for m in linears]
+    flops = sum(2 * batch * m.in_features * m.out_features for m in linears)
+
+    @torch.no_grad()
+    def step():
+        for m, x in zip(linears, inputs):
+            m(x)
+
+    return flops / time_it(step, repeats=20, warmup=3, device=device) / peak
 
 
 def _model(args):
@@ -122,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
                 "cache": mode, "batch": batch, "images/s": images_s, "tokens/s": images_s * new_tokens,
                 "MFU": images_s * new_tokens * fpt / peak, "s/call": seconds, "first call s": first,
             })  # fmt: skip
+    bounds = {b: linear_bound(model, b, args.device, peak) for b in args.batches}
+    for r in rows:
+        r["linear-layers bound"] = bounds[r["batch"]]
     by = {(r["cache"], r["batch"]): r["images/s"] for r in rows}
     for r in rows:
         r["x vs none@same batch"] = r["images/s"] / by[("none", r["batch"])] if ("none", r["batch"]) in by else None
