@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             images_s = batch / seconds
             rows.append({
                 "cache": mode, "batch": batch, "images/s": images_s, "tokens/s": images_s * new_tokens,
-                "MFU": images_s * new_tokens * fpt / peak, "s/call": seconds, "first call s": first,
+                "MFU": images_s * new_tokens * fpt / peak, "ms/decoding step": 1000 * seconds / new_tokens,
+                "s/call": seconds, "first call s": first,
             })  # fmt: skip
     bounds = {b: linear_bound(model, b, args.device, peak) for b in args.batches}
     for r in rows:
