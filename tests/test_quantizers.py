@@ -141,6 +141,46 @@ def test_entropy_term_spreads_a_collapsed_codebook():
     assert with_entropy >= before + 3
 
 
+def _entropy_grads(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of the L2 quantizer's entropy term w.r.t. its input and its codebook."""
+    from unimodal.quantizers import L2Quantizer
+
+    q = L2Quantizer(codebook.shape[0], code_dim=4, lookup_dim=4, entropy_temperature=0.1)
+    with torch.no_grad():
+        q.codebook.weight.copy_(codebook)
+    z = z.clone().requires_grad_()
+    q._entropy_loss(q._project(z).permute(0, 2, 3, 1).reshape(-1, 4)).backward()
+    return z.grad, q.codebook.weight.grad
+
+
+def _entropy_rank(rank: int, world: int, init: str, z: torch.Tensor, codebook: torch.Tensor, out: str):
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        dz, dc = _entropy_grads(z.chunk(world)[rank], codebook)
+        torch.distributed.all_reduce(dc)  # what DDP does with parameter gradients: average over ranks
+        torch.save({"dz": dz, "dc": dc / world}, f"{out}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_entropy_term_under_ddp_matches_one_process_with_the_whole_batch(tmp_path):
+    """The batch-entropy half of the term is not linear in the batch: two gloo ranks with half the batch
+    each must all-reduce the mean assignment to get one process's gradients (codebook after DDP's
+    averaging; each rank's input gradient = world x its rows' share of the full-batch gradient)."""
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(0)
+    z = torch.randn(4, 4, 3, 3) + torch.tensor([2.0, 0, 0, 0]).view(1, 4, 1, 1)  # bunched: a far-from-flat batch
+    codebook = torch.randn(16, 4)
+    dz, dc = _entropy_grads(z, codebook)
+    out = str(tmp_path / "grads")
+    mp.spawn(_entropy_rank, args=(2, f"file://{tmp_path / 'store'}", z, codebook, out), nprocs=2)
+    ranks = [torch.load(f"{out}.{r}") for r in range(2)]
+    assert torch.allclose(ranks[0]["dc"], dc, atol=1e-6, rtol=1e-4), (ranks[0]["dc"] - dc).abs().max()
+    for r, part in enumerate(dz.chunk(2)):
+        assert torch.allclose(ranks[r]["dz"] / 2, part, atol=1e-6, rtol=1e-4), (ranks[r]["dz"] / 2 - part).abs().max()
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

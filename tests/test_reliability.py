@@ -264,11 +264,12 @@ def test_stage2_sigkill_then_resume_equals_uninterrupted_and_keeps_the_logged_ro
 
 def test_stage1_ddp_on_two_cpu_processes_matches_one_process(tmp_path, hf_cache):
     """The image tokenizer under DDP (gloo, 2 x 32 images) ends with the weights of 1 process x 64. EMA codebook
-    with dead-code restart: codebook init and restarts draw from the global batch with the same seeded draws,
-    EMA statistics are all-reduced, gradients averaged."""
+    with dead-code restart and the entropy term: codebook init and restarts draw from the global batch with the
+    same seeded draws, EMA statistics and the entropy term's mean assignment are all-reduced, gradients averaged."""
     from safetensors.torch import load_file
 
-    steps = ["--trainer.max_steps", "6", "--model.model.quantizer", "ema", "--model.model.restart_window", "2"]
+    steps = ["--trainer.max_steps", "6", "--model.model.quantizer", "ema", "--model.model.restart_window", "2",
+             "--model.model.entropy_weight", "0.1"]  # fmt: skip
     single = _tokenizer_fit(tmp_path, hf_cache, "single", *steps, "--data.batch_size", "64")
     assert single.returncode == 0, single.stderr[-3000:]
     ddp = _tokenizer_fit(

@@ -73,6 +73,16 @@ def _all_gather_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def _all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of `x` over ranks, differentiable (equal batch sizes on every rank); `x` itself on one process.
+    The backward sums every rank's gradient, and DDP then averages: the same gradient one process gets."""
+    if _world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(x) / _world_size()
+
+
 class VectorQuantizer(Quantizer):
     """VQ-VAE: nearest codebook entry, straight-through estimator, codebook + commitment loss.
 
@@ -127,12 +137,19 @@ class VectorQuantizer(Quantizer):
 
     def _entropy_loss(self, flat: torch.Tensor) -> torch.Tensor:
         """Mean per-position entropy of softmax(-distance / T) minus the entropy of the batch's mean
-        assignment (global batch under DDP is not needed: each rank's term pushes the same way)."""
-        log_p = (-self._distances(flat) / self.entropy_temperature).log_softmax(1)  # (M, K)
-        p = log_p.exp()
-        per_position = -(p * log_p).sum(1).mean()
-        mean_p = p.mean(0)
-        batch = -(mean_p * mean_p.clamp_min(1e-12).log()).sum()
+        assignment (MaskGIT / LlamaGen): each position picks one code, the batch spreads over many.
+
+        Computed in fp32 (autocast off). The batch term is not linear in the batch, so under DDP the
+        mean assignment is all-reduced with autograd across ranks: N processes then match one process
+        with the whole batch. For `ema` the codebook takes no gradient, so the term moves only the
+        encoder; T = 0.01 suits distances of the size `l2`'s unit-norm codes give (<= 4)."""
+        with torch.autocast(flat.device.type, enabled=False):
+            flat = flat.float()
+            log_p = (-self._distances(flat) / self.entropy_temperature).log_softmax(1)  # (M, K)
+            p = log_p.exp()
+            per_position = -(p * log_p).sum(1).mean()
+            mean_p = _all_reduce_mean(p.mean(0))
+            batch = -(mean_p * mean_p.clamp_min(1e-12).log()).sum()
         return per_position - batch
 
     @torch.no_grad()

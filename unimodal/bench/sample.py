@@ -10,7 +10,9 @@ MFU counts useful FLOPs only: per generated token 2 * (non-embedding params + lm
 plus the attention term 4 * layers * d_model * context; full recomputation does far more work
 than that, which is exactly what its low MFU shows. The `linear-layers bound` column is the
 fraction of peak the model's own linear layers reach by themselves at that batch (one decoding
-step's products, timed without anything else): the ceiling of a decoding step's MFU.
+step's products, timed without anything else): the ceiling of a cached decoding step's MFU, up to
+the attention term it leaves out (small here: 4 * layers * d_model * context against 2 * params).
+It does not apply to `none` rows, whose every step multiplies the whole prefix, not one row per image.
 
     python -m unimodal.bench sample                       # fresh default-size model, 8x8 codes
     python -m unimodal.bench sample --grid 16             # 256-token images
