@@ -49,6 +49,7 @@ def test_sample_bench_reports_ratios_against_its_own_rows(tmp_path, fixed_peak):
         assert r["x vs batch 1"] == pytest.approx(r["images/s"] / by[(cache, 1)]["images/s"])
         assert r["tokens/s"] == pytest.approx(r["images/s"] * (4 + 2))  # 2x2 codes + <eoi> <eos>
         assert r["linear-layers bound"] > 0 and r["linear-layers bound"] == by[("none", batch)]["linear-layers bound"]
+        assert 0 < r["linear+attention bound"] == by[("none", batch)]["linear+attention bound"]
 
 
 def test_profile_splits_wall_time_into_operators_and_python(tmp_path):

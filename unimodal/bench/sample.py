@@ -12,7 +12,10 @@ than that, which is exactly what its low MFU shows. The `linear-layers bound` co
 fraction of peak the model's own linear layers reach by themselves at that batch (one decoding
 step's products, timed without anything else): the ceiling of a cached decoding step's MFU, up to
 the attention term it leaves out (small here: 4 * layers * d_model * context against 2 * params).
-It does not apply to `none` rows, whose every step multiplies the whole prefix, not one row per image.
+`linear+attention bound` adds the time of SDPA alone over the mean context (one query row per image
+against its cached keys and values, every layer): attention does few FLOPs but reads the whole
+cache each step, so at batch 64 it is what the bound is made of. Neither applies to `none` rows,
+whose every step multiplies the whole prefix, not one row per image.
 
     python -m unimodal.bench sample                       # fresh default-size model, 8x8 codes
     python -m unimodal.bench sample --grid 16             # 256-token images
@@ -52,10 +55,9 @@ def flops_per_token(model, vocab: JointVocab, prompt_len: int) -> float:
     return 2 * (dense + head) + 4 * cfg.num_hidden_layers * cfg.hidden_size * context
 
 
-def linear_bound(model, batch: int, device: str, peak: float) -> float:
-    """Fraction of peak that the model's linear layers alone (every nn.Linear, lm head included, one
-    (batch, in) x (in, out) product each, nothing else) reach at this batch: the MFU a decoding step
-    could reach if attention, sampling and Python cost nothing. Small batches make skinny matmuls."""
+def linear_seconds(model, batch: int, device: str) -> tuple[float, float]:
+    """(seconds, FLOPs) of the model's linear layers alone at this batch: every nn.Linear, lm head
+    included, one (batch, in) x (in, out) product each, nothing else. Small batches make skinny matmuls."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     inputs = [torch.randn(batch, m.in_features, device=device, dtype=m.weight.dtype) for m in linears]
     flops = sum(2 * batch * m.in_features * m.out_features for m in linears)
@@ -65,7 +67,37 @@ def linear_bound(model, batch: int, device: str, peak: float) -> float:
         for m, x in zip(linears, inputs):
             m(x)
 
-    return flops / time_it(step, repeats=20, warmup=3, device=device) / peak
+    return time_it(step, repeats=20, warmup=3, device=device), flops
+
+
+def attention_seconds(model, batch: int, context: int, device: str) -> float:
+    """Seconds of SDPA alone for one decoding step: every layer's one query row per image against
+    `context` cached keys and values (reading the cache is what bounds it)."""
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    dtype = next(model.parameters()).dtype
+    q = torch.randn(batch, heads, 1, head_dim, device=device, dtype=dtype)
+    k, v = (torch.randn(batch, heads, context, head_dim, device=device, dtype=dtype) for _ in range(2))
+
+    @torch.no_grad()
+    def step():
+        for _ in range(cfg.num_hidden_layers):
+            torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    return time_it(step, repeats=20, warmup=3, device=device)
+
+
+def step_bounds(model, batch: int, context: int, fpt: float, device: str, peak: float) -> dict[str, float]:
+    """The MFU a cached decoding step could show if nothing but its linear layers ran (`linear-layers
+    bound`), and if nothing but its linear layers and its attention over the mean context ran
+    (`linear+attention bound`): the ceiling the library's cache and SDPA kernel leave."""
+    linear_s, linear_flops = linear_seconds(model, batch, device)
+    attention_s = attention_seconds(model, batch, context, device)
+    return {
+        "linear-layers bound": linear_flops / linear_s / peak,
+        "linear+attention bound": batch * fpt / (linear_s + attention_s) / peak,
+    }
 
 
 def _model(args):
@@ -143,9 +175,10 @@ def main(argv: list[str] | None = None) -> int:
                 "MFU": images_s * new_tokens * fpt / peak, "ms/decoding step": 1000 * seconds / new_tokens,
                 "s/call": seconds, "first call s": first,
             })  # fmt: skip
-    bounds = {b: linear_bound(model, b, args.device, peak) for b in args.batches}
+    context = round(len(prompt) + vocab.image_tokens / 2)  # the mean attended length, as in flops_per_token
+    bounds = {b: step_bounds(model, b, context, fpt, args.device, peak) for b in args.batches}
     for r in rows:
-        r["linear-layers bound"] = bounds[r["batch"]]
+        r.update(bounds[r["batch"]])
     by = {(r["cache"], r["batch"]): r["images/s"] for r in rows}
     for r in rows:
         r["x vs none@same batch"] = r["images/s"] / by[("none", r["batch"])] if ("none", r["batch"]) in by else None
