@@ -45,13 +45,18 @@ MODES = {
 }
 
 
+def mean_context(vocab: JointVocab, prompt_len: int) -> float:
+    """Mean attended length (prompt + cached image codes) while drawing one image."""
+    return prompt_len + vocab.image_tokens / 2
+
+
 def flops_per_token(model, vocab: JointVocab, prompt_len: int) -> float:
     """Useful inference FLOPs per generated token (forward only), averaged over the image."""
     cfg = model.config
     embed = model.get_input_embeddings().weight.numel()
     dense = sum(p.numel() for p in model.parameters()) - embed  # tied head: the table is counted once
     head = cfg.vocab_size * cfg.hidden_size
-    context = prompt_len + vocab.image_tokens / 2  # mean attended length while drawing the image
+    context = mean_context(vocab, prompt_len)
     return 2 * (dense + head) + 4 * cfg.num_hidden_layers * cfg.hidden_size * context
 
 
@@ -175,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                 "MFU": images_s * new_tokens * fpt / peak, "ms/decoding step": 1000 * seconds / new_tokens,
                 "s/call": seconds, "first call s": first,
             })  # fmt: skip
-    context = round(len(prompt) + vocab.image_tokens / 2)  # the mean attended length, as in flops_per_token
+    context = round(mean_context(vocab, len(prompt)))
     bounds = {b: step_bounds(model, b, context, fpt, args.device, peak) for b in args.batches}
     for r in rows:
         r.update(bounds[r["batch"]])
