@@ -15,8 +15,8 @@ from pathlib import Path
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments" / "shapes"
 
-QUICK = [  # a one-minute smoke run of the same pipeline
-    "--trainer.max_steps", "40", "--trainer.val_check_interval", "20",
+QUICK = [  # a smoke run of the same pipeline (under a minute on 2 CPU cores): the pipeline, not the model
+    "--trainer.max_steps", "40", "--trainer.val_check_interval", "20", "--data.batch_size", "16",
     "--data.source.shapes.train_size", "600", "--data.source.shapes.test_size", "64",
     "--data.source.shapes.heldout_size", "64",
 ]  # fmt: skip
