@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from unimodal.bench import __main__ as bench_cli
 from unimodal.bench import profile as bench_profile
@@ -22,18 +23,27 @@ def fixed_peak(monkeypatch):
 
 def test_train_bench_times_every_loop_on_the_same_model(tmp_path, fixed_peak):
     out = tmp_path / "train.json"
-    args = [*TINY, "--device", "cpu", "--batch-size", "4", "--grid", "4", "--steps", "4", "--warmup", "1", "--bf16"]
+    args = [*TINY, "--device", "cpu", "--batch-size", "4", "--grid", "4", "--steps", "4", "--warmup", "1", "--bf16",
+            "--accumulate", "2"]  # fmt: skip
     assert bench_train.main([*args, "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     loops = [r["loop"] for r in result["rows"]]
     assert loops == ["bare PyTorch", "bare PyTorch, fused AdamW", "Lightning Trainer.fit",
-                     "bare PyTorch, bf16 autocast", "Lightning, bf16-mixed"]  # fmt: skip
+                     "bare PyTorch, bf16 autocast", "Lightning, bf16-mixed",
+                     "Lightning, batch 2 x accumulate 2"]  # fmt: skip
     tokens = 4 * result["seq_len"]
     for r in result["rows"]:
-        assert r["tokens/s"] == pytest.approx(tokens / (r["step ms"] / 1000))
+        per_step = tokens // 2 if "accumulate" in r["loop"] else tokens  # the accumulate row times half batches
+        assert r["tokens/s"] == pytest.approx(per_step / (r["step ms"] / 1000))
         assert r["MFU (fp32 peak)"] == pytest.approx(r["tokens/s"] * result["flops_per_token"] / 1e10)
     assert result["lightning_over_bare"] == pytest.approx(result["rows"][2]["tokens/s"] / result["rows"][0]["tokens/s"])
     assert result["device"] == "cpu" and result["stage1_images_per_s"] > 0
+
+
+def test_train_bench_refuses_an_accumulation_that_does_not_divide_the_batch(capsys):
+    with pytest.raises(SystemExit):
+        bench_train.main([*TINY, "--batch-size", "4", "--accumulate", "3", "--steps", "2", "--warmup", "1"])
+    assert "not divisible by --accumulate 3" in capsys.readouterr().err
 
 
 def test_sample_bench_reports_ratios_against_its_own_rows(tmp_path, fixed_peak):
@@ -67,3 +77,32 @@ def test_bench_names_its_subcommands_and_refuses_unknown_ones(capsys):
     assert bench_cli.main(["nonsense"]) == 2
     printed = capsys.readouterr().out
     assert all(name in printed for name in ("train", "sample", "tokenizer", "data", "profile"))
+
+
+def test_compiled_training_forward_matches_eager_and_keeps_the_state_dict(monkeypatch):
+    """`model.compile: true` changes how the loss runs, not what it computes or what is saved. The graph is
+    captured by dynamo and AOT autograd as in a real run; inductor's code generation (40 s here) is left out."""
+    from functools import partial
+
+    monkeypatch.setattr(torch, "compile", partial(torch.compile, backend="aot_eager"))
+    from unimodal.bench.train import synthetic_batches
+    from unimodal.lit import TransformerModule
+    from unimodal.model import TransformerConfig
+    from unimodal.vocab import JointVocab
+
+    vocab = JointVocab(text_size=64, image_size=16, image_grid=(2, 2), max_text_tokens=8)
+    config = TransformerConfig(n_layers=1, d_model=32, n_heads=2, ffn_hidden=64)
+    batch = synthetic_batches(vocab, 2, 5, 1)[0]
+    losses, grads = [], []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        module = TransformerModule(vocab=vocab, model=config, compile=compile)
+        loss, _ = module._loss(batch)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in module.model.parameters()]))
+        keys = list(module.state_dict())
+        assert keys == [f"model.{k}" for k in module.model.state_dict()]  # no compiled copy saved
+    assert module._compiled is not None and module._model() is module._compiled[1]  # the compiled twin ran
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)

@@ -81,7 +81,12 @@ class ResumableData:
     streaming: bool = False
     stream_shards: int = 16
     stream_buffer: int = 1000
+    pin_memory: bool | None = None
     _resume: tuple[int, int] | None = None
+
+    def _pin(self) -> bool:
+        """Page-locked batches speed up host-to-GPU copies; `None` pins when a CUDA device is present."""
+        return torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
 
     def streaming_loader(self, stream, transform, batch_size: int, num_workers: int, collate_fn) -> DataLoader:
         """Training batches from a `datasets` IterableDataset: this rank's shards, shuffled through a buffer."""
@@ -90,7 +95,8 @@ class ResumableData:
         shard = StreamingShard(
             to_stream(stream, self.stream_shards), rank, world, self.seed, self.stream_buffer, transform
         )
-        return DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn, drop_last=True)
+        return DataLoader(shard, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_fn, drop_last=True,
+                          pin_memory=self._pin())  # fmt: skip
 
     def resumable_loader(self, dataset, batch_size: int, num_workers: int, collate_fn) -> DataLoader:
         trainer = getattr(self, "trainer", None)
@@ -107,6 +113,7 @@ class ResumableData:
             collate_fn=collate_fn,
             persistent_workers=num_workers > 0,
             drop_last=True,
+            pin_memory=self._pin(),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -121,7 +128,7 @@ class ResumableData:
         sets = [self.val_set, *getattr(self, "extra_val_sets", {}).values()]
         loaders = [
             DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=self._collate,
-                       persistent_workers=self.num_workers > 0)
+                       persistent_workers=self.num_workers > 0, pin_memory=self._pin())
             for ds in sets
         ]  # fmt: skip
         return loaders[0] if len(loaders) == 1 else loaders

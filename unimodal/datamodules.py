@@ -34,6 +34,7 @@ class ImageDataModule(ResumableData, L.LightningDataModule):
         resolution: side of the square images the tokenizer sees.
         batch_size: images per step.
         num_workers: DataLoader worker processes (0 = in the main process).
+        pin_memory: page-locked batches for faster host-to-GPU copies (None = when CUDA is present).
         val_split: split used for validation metrics (over the whole split).
         max_val_images: cap on validation images (None = all).
         seed: seed of the training order (one permutation per epoch; exact on resume and across processes).
@@ -49,6 +50,7 @@ class ImageDataModule(ResumableData, L.LightningDataModule):
         resolution: int = 32,
         batch_size: int = 64,
         num_workers: int = 0,
+        pin_memory: bool | None = None,
         val_split: str = "test",
         max_val_images: int | None = None,
         seed: int = 0,
@@ -60,7 +62,7 @@ class ImageDataModule(ResumableData, L.LightningDataModule):
         self.source = source
         self.resolution = resolution
         self.batch_size = batch_size
-        self.num_workers = num_workers
+        self.num_workers, self.pin_memory = num_workers, pin_memory
         self.val_split = val_split
         self.max_val_images = max_val_images
 
@@ -144,6 +146,7 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
         max_text_tokens: text budget per caption; longer captions are truncated with a warning.
         batch_size: sequences per step.
         num_workers: DataLoader worker processes.
+        pin_memory: page-locked batches for faster host-to-GPU copies (None = when CUDA is present).
         val_split: split for validation losses.
         extra_val_splits: more splits validated alongside it, logged as `val_{split}/...` (e.g. the
             shapes `heldout` split: the teacher-forced loss on unseen colour-shape compositions).
@@ -170,6 +173,7 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
         max_text_tokens: int = 32,
         batch_size: int = 64,
         num_workers: int = 0,
+        pin_memory: bool | None = None,
         val_split: str = "test",
         extra_val_splits: list[str] | None = None,
         max_val_samples: int | None = None,
@@ -190,7 +194,7 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
         self.image_tokenizer_dir = Path(image_tokenizer)
         self.text_tokenizer_dir = Path(text_tokenizer)
         self.batch_size = batch_size
-        self.num_workers = num_workers
+        self.num_workers, self.pin_memory = num_workers, pin_memory
         self.val_split = val_split
         self.extra_val_splits = list(extra_val_splits or [])
         if val_split in self.extra_val_splits:

@@ -33,16 +33,19 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m unimodal.bench data", description=__doc__)
     p.add_argument("--samples", type=int, default=4096, help="train images to generate and process")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--pin-memory", choices=["auto", "on", "off"], default="auto",
+                   help="page-locked batches (auto: when CUDA is present; only host-to-GPU copies gain)")  # fmt: skip
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    loading = {"num_workers": args.num_workers, "pin_memory": {"auto": None, "on": True, "off": False}[args.pin_memory]}
 
     with tempfile.TemporaryDirectory() as tmp:
         source = DataSource(shapes=ShapesConfig(train_size=args.samples, test_size=64, heldout_size=64), cache_dir=tmp)
         load_pairs(source, "train")  # generate the data outside the timings
         rows = []
 
-        images = ImageDataModule(source=source, batch_size=args.batch_size, num_workers=args.num_workers)
+        images = ImageDataModule(source=source, batch_size=args.batch_size, **loading)
         start = time.perf_counter()
         images.setup("fit")  # decode + resize + cache
         rows.append(
@@ -59,7 +62,7 @@ def main(argv: list[str]) -> int:
         ImageTokenizer(ImageTokenizerConfig()).save_pretrained(Path(tmp) / "tok")
         seqs = SequenceDataModule(
             image_tokenizer=str(Path(tmp) / "tok"), text_tokenizer=str(Path(tmp) / "bpe"), source=source,
-            batch_size=args.batch_size, num_workers=args.num_workers,
+            batch_size=args.batch_size, **loading,
         )  # fmt: skip
         start = time.perf_counter()
         seqs.setup("fit")  # encode images + BPE + cache

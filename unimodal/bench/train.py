@@ -80,14 +80,17 @@ class _StepTimer(L.Callback):
 
 
 def lightning_loop(
-    module: L.LightningModule, batches: list, warmup: int, precision: str = "32-true", device: str = "cpu"
-) -> float:
-    """Seconds per step of `Trainer.fit` over the same batches (no logger, checkpoints or progress bar)."""
+    module: L.LightningModule, batches: list, warmup: int, precision: str = "32-true", device: str = "cpu",
+    accumulate: int = 1,
+) -> float:  # fmt: skip
+    """Seconds per batch of `Trainer.fit` over the same batches (no logger, checkpoints or progress bar);
+    with `accumulate` k, one optimizer step every k batches (`accumulate_grad_batches`)."""
     timer = _StepTimer(warmup)
     trainer = L.Trainer(
-        accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1, max_steps=len(batches), logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
-        precision=precision, num_sanity_val_steps=0, limit_val_batches=0,
+        accelerator="gpu" if device.startswith("cuda") else "cpu", devices=1, max_steps=len(batches) // accumulate,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[timer], precision=precision, num_sanity_val_steps=0, limit_val_batches=0,
+        accumulate_grad_batches=accumulate,
     )  # fmt: skip
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
     trainer.fit(module, train_dataloaders=loader)
@@ -104,9 +107,14 @@ def main(argv: list[str]) -> int:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--bf16", action="store_true", help="also time bf16 autocast (bf16-mixed)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile (model.compile: true)")
+    p.add_argument("--accumulate", type=int, default=4,
+                   help="also time Lightning with batch/k rows x k accumulated batches (0 = skip)")  # fmt: skip
     p.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda when available)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if args.accumulate > 1 and args.batch_size % args.accumulate:
+        p.error(f"--batch-size {args.batch_size} is not divisible by --accumulate {args.accumulate}")
 
     device = args.device
     peak = measured_peak_flops(device)
@@ -119,13 +127,14 @@ def main(argv: list[str]) -> int:
 
     rows = []
 
-    def row(loop: str, seconds: float, fpt: float):
-        rows.append({"loop": loop, "tokens/s": tokens / seconds, "step ms": 1000 * seconds,
-                     f"MFU ({peak_name})": tokens / seconds * fpt / peak})  # fmt: skip
+    def row(loop: str, seconds: float, fpt: float, batch_tokens: int = tokens):
+        """`seconds` per batch of `batch_tokens` tokens."""
+        rows.append({"loop": loop, "tokens/s": batch_tokens / seconds, "step ms": 1000 * seconds,
+                     f"MFU ({peak_name})": batch_tokens / seconds * fpt / peak})  # fmt: skip
 
-    def fresh() -> TransformerModule:
+    def fresh(compile: bool = False) -> TransformerModule:
         torch.manual_seed(0)
-        return TransformerModule(vocab=vocab, model=config).to(device)
+        return TransformerModule(vocab=vocab, model=config, compile=compile).to(device)
 
     module = fresh()
     fpt = flops_per_token(module, seq_len)
@@ -135,6 +144,15 @@ def main(argv: list[str]) -> int:
     if args.bf16:
         row("bare PyTorch, bf16 autocast", bare_loop(fresh(), batches, args.warmup, bf16=True), fpt)
         row("Lightning, bf16-mixed", lightning_loop(fresh(), batches, args.warmup, "bf16-mixed", device), fpt)
+    if args.compile:  # the warm-up steps compile
+        row("bare PyTorch, torch.compile", bare_loop(fresh(compile=True), batches, args.warmup), fpt)
+        row("Lightning, torch.compile", lightning_loop(fresh(compile=True), batches, args.warmup, device=device), fpt)
+    if args.accumulate > 1:  # the same rows in k smaller batches per optimizer step
+        k = args.accumulate
+        micro = [{key: v[i : i + args.batch_size // k] for key, v in b.items()}
+                 for b in batches for i in range(0, args.batch_size, args.batch_size // k)]  # fmt: skip
+        seconds = lightning_loop(fresh(), micro, args.warmup * k, device=device, accumulate=k)
+        row(f"Lightning, batch {args.batch_size // k} x accumulate {k}", seconds, fpt, tokens // k)
 
     images = [torch.rand(args.batch_size, 3, 32, 32) * 2 - 1 for _ in range(args.steps)]
     stage1 = lightning_loop(TokenizerModule(), images, args.warmup, device=device)
