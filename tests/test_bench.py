@@ -72,6 +72,12 @@ def test_profile_splits_wall_time_into_operators_and_python(tmp_path):
     assert len(result["rows"]) == 5
 
 
+def test_profile_refuses_compile_without_the_static_cache(capsys):
+    with pytest.raises(SystemExit):
+        bench_profile.main(["sample", "--batch", "1", "--grid", "2", "--compile"])
+    assert "compile needs cache='static'" in capsys.readouterr().err
+
+
 def test_bench_names_its_subcommands_and_refuses_unknown_ones(capsys):
     assert bench_cli.main(["--help"]) == 0
     assert bench_cli.main(["nonsense"]) == 2

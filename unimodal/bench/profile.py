@@ -8,6 +8,7 @@ says how much of the wall time the operators account for: the rest is Python ove
 
     python -m unimodal.bench profile train                      # default model, batch 64
     python -m unimodal.bench profile sample --batch 64 --grid 16 --cache static
+    python -m unimodal.bench profile sample --batch 1 --grid 16 --cache static --compile
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ def main(argv: list[str]) -> int:
     add_model_args(p)
     p.add_argument("--steps", type=int, default=4, help="training steps per profiled call (train)")
     p.add_argument("--cache", default="dynamic", choices=["none", "dynamic", "static"], help="KV cache (sample)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the forward (sample, with --cache static)")
     p.add_argument("--top", type=int, default=15, help="rows per table")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", default=None)
@@ -111,7 +113,11 @@ def main(argv: list[str]) -> int:
         model = build_transformer(model_config(args), vocab).eval()
         prompts = [vocab.prompt(list(range(3, 15)))] * args.batch
         mode = {"use_cache": False} if args.cache == "none" else {"cache": args.cache}
-        params = SamplingParams(seed=0, batch_size=args.batch, **mode)
-        label = f"generate_codes, batch {args.batch}, {vocab.image_tokens} codes, cache {args.cache}"
+        try:
+            params = SamplingParams(seed=0, batch_size=args.batch, compile=args.compile, **mode)
+        except ValueError as e:
+            p.error(str(e))
+        compiled = "+compile" if args.compile else ""
+        label = f"generate_codes, batch {args.batch}, {vocab.image_tokens} codes, cache {args.cache}{compiled}"
         profile_call(lambda: generate_codes(model, vocab, prompts, params), label, args.top, args.json)
     return 0
