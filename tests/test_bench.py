@@ -30,7 +30,7 @@ def test_train_bench_times_every_loop_on_the_same_model(tmp_path, fixed_peak):
     loops = [r["loop"] for r in result["rows"]]
     assert loops == ["bare PyTorch", "bare PyTorch, fused AdamW", "Lightning Trainer.fit",
                      "bare PyTorch, bf16 autocast", "Lightning, bf16-mixed",
-                     "Lightning, batch 2 x accumulate 2"]  # fmt: skip
+                     "Lightning, accumulate 2 (step ms: per batch of 2)"]  # fmt: skip
     tokens = 4 * result["seq_len"]
     for r in result["rows"]:
         per_step = tokens // 2 if "accumulate" in r["loop"] else tokens  # the accumulate row times half batches

@@ -76,7 +76,8 @@ class _FitCLI(LightningCLI):
         """On resume LightningCLI re-applies the checkpoint's model hyperparameters to the config. The stage-2
         `vocab` among them is a record of the vocabulary linked from the data module (with derived fields such
         as `size`), not a model argument: it is left out so that it cannot fail to parse, and the data module
-        links the vocabulary as in the first run."""
+        links the vocabulary as in the first run. `compile` is how the run executes, not what it trains: the
+        command line decides it on resume."""
         if not self.config.get("subcommand"):
             return
         ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
@@ -87,6 +88,7 @@ class _FitCLI(LightningCLI):
         hparams = ckpt.get("hyper_parameters") or {}
         hparams.pop("_instantiator", None)
         hparams.pop("vocab", None)
+        hparams.pop("compile", None)
         if hparams:
             self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
 

@@ -27,14 +27,17 @@ from .tokenizer_losses import PatchDiscriminator, adaptive_weight, generator_adv
 from .vocab import JointVocab
 
 
-def _adamw(module: torch.nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95)):
-    """AdamW with decay on matrices only (not norms, biases, or the VQ codebook's usage buffers); the
-    fused kernel on GPUs (on this project's CPUs it measured 0.99x the default: `bench train`)."""
+def _adamw(module: torch.nn.Module, lr: float, weight_decay: float, trainer, betas=(0.9, 0.95)):
+    """AdamW with decay on matrices only (not norms, biases, or the VQ codebook's usage buffers).
+
+    The fused kernel on GPUs (on this project's CPUs it measured 0.99x the default: `bench train`),
+    except under fp16 mixed precision, where Lightning's gradient clipping refuses a fused optimizer."""
     params = [p for p in module.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=bool(params) and params[0].is_cuda or None)
+    fused = bool(params) and params[0].is_cuda and str(getattr(trainer, "precision", "")) != "16-mixed"
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
 
 
 def _cosine(optimizer, trainer, warmup_steps: int):
@@ -133,7 +136,7 @@ class TokenizerModule(L.LightningModule):
                       "uses of each code over the whole validation split, most used first")  # fmt: skip
 
     def configure_optimizers(self):
-        opt = _adamw(self, self.hparams.lr, self.hparams.weight_decay, betas=(0.9, 0.99))
+        opt = _adamw(self, self.hparams.lr, self.hparams.weight_decay, self.trainer, betas=(0.9, 0.99))
         return _cosine(opt, self.trainer, self.hparams.warmup_steps)
 
     def export(self, directory: Path, datamodule) -> Path:
@@ -257,7 +260,7 @@ class TransformerModule(L.LightningModule):
         self.log_dict(metrics, prog_bar=True, add_dataloader_idx=False)
 
     def configure_optimizers(self):
-        opt = _adamw(self.model, self.hparams.lr, self.hparams.weight_decay)
+        opt = _adamw(self.model, self.hparams.lr, self.hparams.weight_decay, self.trainer)
         return _cosine(opt, self.trainer, self.hparams.warmup_steps)
 
     def bundle(self, datamodule) -> Bundle:

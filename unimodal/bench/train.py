@@ -108,11 +108,14 @@ def main(argv: list[str]) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--bf16", action="store_true", help="also time bf16 autocast (bf16-mixed)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (model.compile: true)")
-    p.add_argument("--accumulate", type=int, default=4,
-                   help="also time Lightning with batch/k rows x k accumulated batches (0 = skip)")  # fmt: skip
+    p.add_argument("--accumulate", type=int, default=None,
+                   help="also time Lightning on batches of batch-size/K rows, K per optimizer step "
+                        "(default 4 when it divides --batch-size; 0 = skip)")  # fmt: skip
     p.add_argument("--device", default=default_device(), help="cpu or cuda (default: cuda when available)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if args.accumulate is None:
+        args.accumulate = 4 if args.batch_size % 4 == 0 else 0
     if args.accumulate > 1 and args.batch_size % args.accumulate:
         p.error(f"--batch-size {args.batch_size} is not divisible by --accumulate {args.accumulate}")
 
@@ -152,7 +155,7 @@ def main(argv: list[str]) -> int:
         micro = [{key: v[i : i + args.batch_size // k] for key, v in b.items()}
                  for b in batches for i in range(0, args.batch_size, args.batch_size // k)]  # fmt: skip
         seconds = lightning_loop(fresh(), micro, args.warmup * k, device=device, accumulate=k)
-        row(f"Lightning, batch {args.batch_size // k} x accumulate {k}", seconds, fpt, tokens // k)
+        row(f"Lightning, accumulate {k} (step ms: per batch of {args.batch_size // k})", seconds, fpt, tokens // k)
 
     images = [torch.rand(args.batch_size, 3, 32, 32) * 2 - 1 for _ in range(args.steps)]
     stage1 = lightning_loop(TokenizerModule(), images, args.warmup, device=device)
