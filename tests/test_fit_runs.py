@@ -73,3 +73,18 @@ def test_resume_from_last_checkpoint_continues_the_step_count(trained, hf_cache)
     assert torch.load(last, weights_only=True, map_location="cpu")["global_step"] == 10
     fit_tokenizer(root, hf_cache, steps=20, name="resume", extra=["--ckpt_path", str(last)])
     assert torch.load(last, weights_only=True, map_location="cpu")["global_step"] == 20
+
+
+def test_a_resumed_optimizer_takes_this_runs_fused_setting_not_the_checkpoints():
+    """torch restores each optimizer group's settings from the checkpoint; a GPU run's `fused=True`
+    resumed on a CPU (or under fp16, where clipping refuses fused) must be turned back off."""
+    import lightning as L
+
+    from unimodal.lit import TokenizerModule
+
+    module = TokenizerModule()
+    module.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    checkpoint = {"optimizer_states": [{"state": {}, "param_groups": [{"params": [0], "fused": True}]}]}
+    module.on_load_checkpoint(checkpoint)
+    assert checkpoint["optimizer_states"][0]["param_groups"][0]["fused"] is None
+    TokenizerModule().on_load_checkpoint(checkpoint)  # no trainer (load_from_checkpoint): nothing to do

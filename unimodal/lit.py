@@ -27,17 +27,34 @@ from .tokenizer_losses import PatchDiscriminator, adaptive_weight, generator_adv
 from .vocab import JointVocab
 
 
-def _adamw(module: torch.nn.Module, lr: float, weight_decay: float, trainer, betas=(0.9, 0.95)):
-    """AdamW with decay on matrices only (not norms, biases, or the VQ codebook's usage buffers).
+def _use_fused(trainer) -> bool:
+    """The fused AdamW kernel on GPUs (on this project's CPUs it measured 0.99x the default: `bench
+    train`), except under fp16 mixed precision, where Lightning's gradient clipping refuses it."""
+    return trainer.strategy.root_device.type == "cuda" and str(trainer.precision) != "16-mixed"
 
-    The fused kernel on GPUs (on this project's CPUs it measured 0.99x the default: `bench train`),
-    except under fp16 mixed precision, where Lightning's gradient clipping refuses a fused optimizer."""
+
+def _adamw(module: torch.nn.Module, lr: float, weight_decay: float, fused: bool, betas=(0.9, 0.95)):
+    """AdamW with decay on matrices only (not norms, biases, or the VQ codebook's usage buffers)."""
     params = [p for p in module.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = bool(params) and params[0].is_cuda and str(getattr(trainer, "precision", "")) != "16-mixed"
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None)
+
+
+class _ResumeOnThisDevice:
+    """A resumed run uses the fused kernel if *this* run would (torch restores each optimizer group's
+    settings from the checkpoint, so a CPU run resumed on a GPU would stay unfused, and a GPU run
+    resumed under fp16 would stay fused and fail at gradient clipping)."""
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self._trainer is None:  # load_from_checkpoint: no optimizer to restore
+            return
+        fused = _use_fused(self.trainer) or None
+        for state in checkpoint.get("optimizer_states", []):
+            for group in state.get("param_groups", []):
+                if "fused" in group:
+                    group["fused"] = fused
 
 
 def _cosine(optimizer, trainer, warmup_steps: int):
@@ -46,7 +63,7 @@ def _cosine(optimizer, trainer, warmup_steps: int):
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
-class TokenizerModule(L.LightningModule):
+class TokenizerModule(_ResumeOnThisDevice, L.LightningModule):
     """Stage 1: the image tokenizer (any quantizer in `unimodal.quantizers`).
 
     Loss: pixel (MSE or L1) + the quantizer's own terms (+ optionally a PatchGAN hinge term,
@@ -136,7 +153,7 @@ class TokenizerModule(L.LightningModule):
                       "uses of each code over the whole validation split, most used first")  # fmt: skip
 
     def configure_optimizers(self):
-        opt = _adamw(self, self.hparams.lr, self.hparams.weight_decay, self.trainer, betas=(0.9, 0.99))
+        opt = _adamw(self, self.hparams.lr, self.hparams.weight_decay, _use_fused(self.trainer), betas=(0.9, 0.99))
         return _cosine(opt, self.trainer, self.hparams.warmup_steps)
 
     def export(self, directory: Path, datamodule) -> Path:
@@ -164,7 +181,7 @@ def usage_histogram(counts: torch.Tensor):
     return image
 
 
-class TransformerModule(L.LightningModule):
+class TransformerModule(_ResumeOnThisDevice, L.LightningModule):
     """Stage 2: the decoder-only transformer over joint sequences.
 
     Args:
@@ -260,7 +277,7 @@ class TransformerModule(L.LightningModule):
         self.log_dict(metrics, prog_bar=True, add_dataloader_idx=False)
 
     def configure_optimizers(self):
-        opt = _adamw(self.model, self.hparams.lr, self.hparams.weight_decay, self.trainer)
+        opt = _adamw(self.model, self.hparams.lr, self.hparams.weight_decay, _use_fused(self.trainer))
         return _cosine(opt, self.trainer, self.hparams.warmup_steps)
 
     def bundle(self, datamodule) -> Bundle:
