@@ -40,10 +40,13 @@ def test_train_bench_times_every_loop_on_the_same_model(tmp_path, fixed_peak):
     assert result["device"] == "cpu" and result["stage1_images_per_s"] > 0
 
 
-def test_train_bench_refuses_an_accumulation_that_does_not_divide_the_batch(capsys):
+def test_train_bench_refuses_a_negative_accumulation_or_one_that_does_not_divide_the_batch(capsys):
     with pytest.raises(SystemExit):
         bench_train.main([*TINY, "--batch-size", "4", "--accumulate", "3", "--steps", "2", "--warmup", "1"])
     assert "not divisible by --accumulate 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_train.main([*TINY, "--batch-size", "4", "--accumulate", "-2", "--steps", "2", "--warmup", "1"])
+    assert "--accumulate must be >= 0" in capsys.readouterr().err
 
 
 def test_sample_bench_reports_ratios_against_its_own_rows(tmp_path, fixed_peak):

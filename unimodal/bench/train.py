@@ -116,6 +116,8 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if args.accumulate is None:
         args.accumulate = 4 if args.batch_size % 4 == 0 else 0
+    if args.accumulate < 0:
+        p.error(f"--accumulate must be >= 0 (0 or 1 = no accumulation row), got {args.accumulate}")
     if args.accumulate > 1 and args.batch_size % args.accumulate:
         p.error(f"--batch-size {args.batch_size} is not divisible by --accumulate {args.accumulate}")
 
