@@ -11,7 +11,7 @@ from unimodal.caption import caption_images, parse_caption
 from unimodal.grammar import CAPTION_START, END, GrammarLogitsProcessor, SegmentGrammar
 from unimodal.model import TransformerConfig, build_transformer
 from unimodal.rerank import ContrastiveScorer, RerankerConfig, load_or_train_reranker, rerank
-from unimodal.sampling import SamplingParams, generate_codes, generate_ids, left_pad
+from unimodal.sampling import SamplingParams, draw, generate_codes, generate_ids, left_pad
 from unimodal.vocab import JointVocab
 
 VOCAB = JointVocab(text_size=50, image_size=20, image_grid=(3, 3), max_text_tokens=6, image_to_text=True)
@@ -195,3 +195,17 @@ def test_rerank_keeps_the_best_scored_candidates(tmp_path, bundle):
     with pytest.raises(ValueError, match="keep must be in"):
         rerank(scorer, images, ids, candidates=4, keep=5)
     assert isinstance(scorer, ContrastiveScorer)
+
+
+def test_draw_follows_the_softmax_and_never_picks_a_forbidden_id():
+    torch.manual_seed(0)
+    scores = torch.tensor([[0.0, 1.0, float("-inf"), 2.0, float("-inf")]]).repeat(40_000, 1)
+    ids = draw(scores)
+    assert ids.shape == (40_000, 1)
+    freq = torch.bincount(ids.flatten(), minlength=5).double() / ids.numel()
+    assert freq[2] == 0 and freq[4] == 0
+    assert torch.allclose(freq, scores[0].softmax(-1).double(), atol=0.01)
+    only_last = torch.full((1000, 5), float("-inf"))
+    only_last[:, 4] = 0.0  # all mass on the last id: nothing lies past it to land on
+    assert (draw(only_last) == 4).all()
+    assert (draw(torch.tensor([[float("-inf"), 5.0, float("-inf")]] * 1000)) == 1).all()

@@ -95,3 +95,23 @@ def test_segment_weights_and_grammar_masked_loss():
     mask[:, -2:] = 0  # padded targets (here <eoi> <eos>) do not count
     _, parts_pad = sequence_loss(logits, seqs, mask, g, {"text": 1, "image": 1}, mask_by_grammar=True)
     assert parts_pad["text"][1] == parts["text"][1] - 4 * 2
+
+
+@pytest.mark.parametrize("image_to_text", [False, True])
+def test_processor_counting_one_id_per_step_equals_recounting_the_prefix(image_to_text):
+    """Decoding advances the grammar by the newest id; every step must match a full recount."""
+    v = JointVocab(text_size=6, image_size=4, image_grid=(1, 3), max_text_tokens=3, image_to_text=image_to_text)
+    g = SegmentGrammar(v)
+    torch.manual_seed(0)
+    ids = torch.randint(0, v.size, (64, 16))  # every kind of id, legal or not, in any order
+    ids[:, 2] = v.bos  # two ids of left padding-like junk first, as recounting ignores them
+    ids[:8, 3] = v.boi  # some rows go straight to the image (image-to-text order when allowed)
+    processor = GrammarLogitsProcessor(g)
+    scores = torch.zeros(ids.shape[0], v.size)
+    for t in range(3, ids.shape[1] + 1):
+        got = processor(ids[:, :t], scores) == 0
+        assert torch.equal(got, g.allowed_next(ids[:, :t])), t
+    states = g.states(ids)
+    assert len(set(states[:, -1].tolist())) > 2  # the walk reached several states, or it proves little
+    # a prefix that is not the last one plus an id (a new call) is recounted, not advanced
+    assert torch.equal(processor(ids[:, :5], scores) == 0, g.allowed_next(ids[:, :5]))

@@ -58,31 +58,52 @@ class SegmentGrammar:
         table[CAPTION_FULL, v.eos] = True
         self.table = table
 
+    def counts(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the state after each prefix depends on: ids (B, T) -> {name: (B, T)} running counts."""
+        v = self.vocab
+        c = {"started": (ids == v.bos).cumsum(-1) > 0}
+        for name, token in (("boi", v.boi), ("eoi", v.eoi), ("eos", v.eos)):
+            c[name] = (ids == token).cumsum(-1) > 0
+        is_text = v.is_text(ids) & c["started"]
+        c["text"] = (is_text & ~c["boi"]).cumsum(-1)  # caption ids before the image (frozen after <boi>)
+        c["image"] = v.is_image(ids).cumsum(-1)
+        c["caption"] = (is_text & c["eoi"]).cumsum(-1)  # caption ids after the image
+        return c
+
+    def advance(self, c: dict[str, torch.Tensor], token: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The counts after one more id: `counts` of the last position (B,) and the next ids (B,) ->
+        the counts `counts` would give one position later, in O(1) per row (what sampling needs)."""
+        v = self.vocab
+        n = {"started": c["started"] | (token == v.bos)}
+        for name, t in (("boi", v.boi), ("eoi", v.eoi), ("eos", v.eos)):
+            n[name] = c[name] | (token == t)
+        is_text = v.is_text(token) & n["started"]
+        n["text"] = c["text"] + (is_text & ~n["boi"])
+        n["image"] = c["image"] + v.is_image(token)
+        n["caption"] = c["caption"] + (is_text & n["eoi"])
+        return n
+
+    def state(self, c: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The grammar state from `counts` (any shape)."""
+        v = self.vocab
+        text = torch.where(c["text"] < v.max_text_tokens, TEXT, TEXT_FULL)
+        image = torch.where(c["image"] < v.image_tokens, IMAGE, IMAGE_FULL)
+        state = torch.where(c["boi"], image, text)
+        after = torch.full_like(state, END)
+        if v.image_to_text:
+            caption = torch.where(c["caption"] < v.max_text_tokens, CAPTION, CAPTION_FULL)
+            caption = torch.where(c["caption"] == 0, CAPTION_START, caption)
+            after = torch.where(c["text"] == 0, caption, after)
+        state = torch.where(c["eoi"], after, state)
+        return torch.where(c["eos"], DONE, state)
+
     def states(self, ids: torch.Tensor) -> torch.Tensor:
         """State after each prefix: ids (B, T) -> states (B, T), states[:, t] is the state after ids[:, :t+1].
 
         Tokens before <bos> (left padding) are ignored; a prefix without <bos> is in TEXT only
         once <bos> appears, so callers always start sequences with it.
         """
-        v = self.vocab
-        started = (ids == v.bos).cumsum(-1) > 0
-        seen_boi = (ids == v.boi).cumsum(-1) > 0
-        seen_eoi = (ids == v.eoi).cumsum(-1) > 0
-        seen_eos = (ids == v.eos).cumsum(-1) > 0
-        is_text = v.is_text(ids) & started
-        n_text = (is_text & ~seen_boi).cumsum(-1)  # caption ids before the image (frozen after <boi>)
-        n_image = v.is_image(ids).cumsum(-1)
-        text = torch.where(n_text < v.max_text_tokens, TEXT, TEXT_FULL)
-        image = torch.where(n_image < v.image_tokens, IMAGE, IMAGE_FULL)
-        state = torch.where(seen_boi, image, text)
-        after = torch.full_like(state, END)
-        if v.image_to_text:
-            n_caption = (is_text & seen_eoi).cumsum(-1)  # caption ids after the image
-            caption = torch.where(n_caption < v.max_text_tokens, CAPTION, CAPTION_FULL)
-            caption = torch.where(n_caption == 0, CAPTION_START, caption)
-            after = torch.where(n_text == 0, caption, after)
-        state = torch.where(seen_eoi, after, state)
-        return torch.where(seen_eos, torch.full_like(state, DONE), state)
+        return self.state(self.counts(ids))
 
     def allowed_next(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (B, T) -> bool mask (B, V) of the ids allowed after each full prefix."""
@@ -108,13 +129,29 @@ class GrammarLogitsProcessor(LogitsProcessor):
 
     `generate()` runs custom processors before its sampling warpers, so top-k never keeps only
     forbidden ids, and every sampled sequence is well formed: exactly N codes, then <eoi> <eos>.
+
+    Decoding calls it once per step with the prefix grown by one id: it then advances the last
+    step's counts by that id (`SegmentGrammar.advance`) instead of recounting the whole prefix.
     """
 
     def __init__(self, grammar: SegmentGrammar):
         self.grammar = grammar
+        self._last = None  # (prefix it was computed for, its last-position counts)
+        self._bias = None  # (S, V) additive mask: 0 where allowed, -inf where forbidden
+
+    def last_counts(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self._last is not None:
+            prefix, counts = self._last
+            if input_ids.shape == (prefix.shape[0], prefix.shape[1] + 1) and torch.equal(input_ids[:, :-1], prefix):
+                return self.grammar.advance(counts, input_ids[:, -1])
+        return {name: c[:, -1] for name, c in self.grammar.counts(input_ids).items()}
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        allowed = self.grammar.allowed_next(input_ids)  # (B, V)
-        forbidden = torch.ones_like(scores, dtype=torch.bool)  # ids past V (padded embeddings) stay forbidden
-        forbidden[:, : allowed.shape[-1]] = ~allowed
-        return scores.masked_fill(forbidden, float("-inf"))
+        counts = self.last_counts(input_ids)
+        self._last = (input_ids, counts)
+        if self._bias is None or self._bias.shape[-1] != scores.shape[-1] or self._bias.device != scores.device:
+            table = self.grammar.table.to(scores.device)
+            bias = torch.full((table.shape[0], scores.shape[-1]), float("-inf"), device=scores.device)
+            bias[:, : table.shape[-1]] = torch.where(table, 0.0, float("-inf"))  # ids past V stay forbidden
+            self._bias = bias
+        return scores + self._bias[self.grammar.state(counts)].to(scores.dtype)
