@@ -11,7 +11,16 @@ from unimodal.caption import caption_images, parse_caption
 from unimodal.grammar import CAPTION_START, END, GrammarLogitsProcessor, SegmentGrammar
 from unimodal.model import TransformerConfig, build_transformer
 from unimodal.rerank import ContrastiveScorer, RerankerConfig, load_or_train_reranker, rerank
-from unimodal.sampling import SamplingParams, draw, generate_codes, generate_ids, left_pad
+from unimodal.sampling import (
+    LIVE_SDPA,
+    SamplingParams,
+    attention_implementation,
+    draw,
+    generate_codes,
+    generate_ids,
+    left_pad,
+    live_sdpa_attention,
+)
 from unimodal.vocab import JointVocab
 
 VOCAB = JointVocab(text_size=50, image_size=20, image_grid=(3, 3), max_text_tokens=6, image_to_text=True)
@@ -209,3 +218,36 @@ def test_draw_follows_the_softmax_and_never_picks_a_forbidden_id():
     only_last[:, 4] = 0.0  # all mass on the last id: nothing lies past it to land on
     assert (draw(only_last) == 4).all()
     assert (draw(torch.tensor([[float("-inf"), 5.0, float("-inf")]] * 1000)) == 1).all()
+
+
+def test_live_attention_reads_only_the_filled_part_of_a_static_cache(model):
+    """The tail of a static cache is never read: NaN there changes nothing, and the result is SDPA's."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = model.model.layers[0].self_attn
+    torch.manual_seed(0)
+    q = torch.randn(3, 2, 1, 16)
+    k, v = torch.randn(3, 2, 12, 16), torch.randn(3, 2, 12, 16)
+    mask = torch.zeros(3, 1, 1, 12, dtype=torch.bool)
+    mask[:, ..., 2:7] = True  # keys 0..6 filled (rows 0-1 left-padded by 2), 7.. not yet
+    mask[2, ..., :2] = True
+    k[:, :, 7:], v[:, :, 7:] = float("nan"), float("nan")
+    live, _ = live_sdpa_attention(module, q, k, v, mask, scaling=0.25)
+    reference, _ = sdpa_attention_forward(module, q, k[:, :, :7], v[:, :, :7], mask[..., :7], scaling=0.25)
+    assert torch.isfinite(live).all() and torch.allclose(live, reference)
+    plain, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)
+    assert not torch.isfinite(plain).all()  # plain SDPA reads the tail: the NaN shows
+
+
+def test_static_cache_with_live_attention_gives_the_dynamic_cache_logits(model):
+    ids, mask = left_pad(_prompts(), VOCAB.pad)
+    logits = {}
+    for cache in ("dynamic", "static"):
+        with attention_implementation(model, LIVE_SDPA if cache == "static" else "sdpa"):
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, cache_implementation=cache,
+                output_logits=True, return_dict_in_generate=True, pad_token_id=VOCAB.pad, eos_token_id=None,
+            )  # fmt: skip
+        logits[cache] = torch.stack(out.logits)
+    assert model.config._attn_implementation == "sdpa"  # restored
+    assert torch.allclose(logits["dynamic"], logits["static"], atol=1e-5)

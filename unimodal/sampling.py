@@ -15,11 +15,13 @@ both rows.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from transformers import (
+    AttentionInterface,
     CompileConfig,
     LogitsProcessor,
     LogitsProcessorList,
@@ -27,6 +29,8 @@ from transformers import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .data import tensor_to_image
 from .grammar import GrammarLogitsProcessor, SegmentGrammar
@@ -135,6 +139,52 @@ def warpers(params: SamplingParams) -> LogitsProcessorList | None:
     return out
 
 
+LIVE_SDPA = "unimodal_live_sdpa"
+
+
+def live_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
+    """The library's SDPA attention over the filled part of a static cache only.
+
+    A static cache hands attention its whole preallocated length (prompt + every new token) and a
+    mask over the unfilled tail, so SDPA reads all of it at every step: on average twice the live
+    length while drawing an image, and reading the cache is what a batch-64 step waits on. When
+    decoding one token, this drops the tail past the last key any row may attend to, then calls
+    `sdpa_attention_forward` unchanged (same result). Not under torch.compile (fixed shapes).
+    """
+    if query.shape[2] == 1 and attention_mask is not None and attention_mask.dtype == torch.bool:
+        if not torch.compiler.is_compiling():
+            live = _live_length(attention_mask)
+            key, value, attention_mask = key[:, :, :live], value[:, :, :live], attention_mask[..., :live]
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+_last_live = [None, 0]  # (mask, its live length): every layer of a step gets the same mask object
+
+
+def _live_length(mask: torch.Tensor) -> int:
+    """1 + the last key position any row may attend to, for a bool mask (..., keys)."""
+    if _last_live[0] is not mask:
+        filled = mask.flatten(0, -2).any(0).nonzero()  # (n, 1) key positions, ascending
+        _last_live[:] = [mask, int(filled[-1]) + 1 if len(filled) else mask.shape[-1]]
+    return _last_live[1]
+
+
+AttentionInterface.register(LIVE_SDPA, live_sdpa_attention)
+AttentionMaskInterface.register(LIVE_SDPA, sdpa_mask)  # the masks SDPA gets
+
+
+@contextmanager
+def attention_implementation(model, name: str):
+    """Run the model with another registered attention function for a while (the saved config keeps
+    its own: a bundle loads with plain SDPA and no project code)."""
+    old = model.config._attn_implementation
+    model.config._attn_implementation = name
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = old
+
+
 def compile_config(device: torch.device) -> CompileConfig:
     """How `generate()` compiles the decoding forward. On CPU, inductor's C++ wrapper calls the
     kernels from C++ instead of a Python function: 0.83 -> 0.72 ms per token at batch 1 (one run)."""
@@ -175,18 +225,21 @@ def generate_ids(
             cache["compile_config"] = compile_config(device)
     if not params.compile:
         cache["disable_compile"] = True
-    out = model.generate(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        max_new_tokens=max_new_tokens,
-        logits_processor=processors,
-        pad_token_id=vocab.pad,
-        bos_token_id=vocab.bos,
-        eos_token_id=vocab.eos,
-        use_cache=params.use_cache,
-        do_sample=False,
-        **cache,
-    )
+    live = params.use_cache and params.cache == "static" and not params.compile
+    attention = LIVE_SDPA if live and model.config._attn_implementation == "sdpa" else model.config._attn_implementation
+    with attention_implementation(model, attention):
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            logits_processor=processors,
+            pad_token_id=vocab.pad,
+            bos_token_id=vocab.bos,
+            eos_token_id=vocab.eos,
+            use_cache=params.use_cache,
+            do_sample=False,
+            **cache,
+        )
     new = out[:b, ids.shape[1] :].cpu()
     if new.shape[1] < max_new_tokens:  # every row stopped early: pad to a fixed width
         new = torch.cat([new, new.new_full((b, max_new_tokens - new.shape[1]), vocab.pad)], 1)
