@@ -92,8 +92,9 @@ def test_uncached_dynamic_and_static_cache_greedy_outputs_identical(model, use_c
         ({"cfg_scale": -1.0}, "cfg_scale must be"),
         ({"cfg_scale": float("inf")}, "cfg_scale must be"),
         ({"cache": "paged"}, "cache must be one of"),
-        ({"compile": True}, "compile needs cache='static'"),
         ({"use_cache": False, "cache": "static"}, "need use_cache=True"),
+        ({"use_cache": False, "compile": True}, "need use_cache=True"),
+        ({"cache": "dynamic", "compile": True}, "compile needs cache='static'"),
     ],
 )
 def test_invalid_sampling_parameters_give_clear_errors(kwargs, message):

@@ -37,7 +37,8 @@ def _sampling_args(p: argparse.ArgumentParser):
     p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="sequences per generate() call")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--cache", choices=["dynamic", "static"], default="dynamic", help="the library's KV cache kind")
+    p.add_argument("--cache", choices=["dynamic", "static"], default="static",
+                   help="the library's KV cache: static (preallocated) or dynamic (grows per step)")  # fmt: skip
     p.add_argument("--compile", action="store_true", help="torch.compile the forward (needs --cache static)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 

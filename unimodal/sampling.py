@@ -40,8 +40,10 @@ CACHES = ("dynamic", "static")
 
 @dataclass
 class SamplingParams:
-    """How to sample. `cfg_scale` 1 is no guidance; `cache` picks the library's KV cache
-    ("dynamic" grows per step, "static" is preallocated and lets `compile` torch.compile the forward)."""
+    """How to sample. `cfg_scale` 1 is no guidance; `cache` picks the library's KV cache: "static"
+    (the default: preallocated, attended over its filled part, and the one `compile` can
+    torch.compile) or "dynamic" (grows by one position per step); `use_cache=False` recomputes the
+    whole prefix at every step (for comparisons)."""
 
     temperature: float = 1.0
     top_k: int | None = None
@@ -52,7 +54,7 @@ class SamplingParams:
     batch_size: int = 64
     use_cache: bool = True
     cfg_scale: float = 1.0
-    cache: str = "dynamic"
+    cache: str | None = None  # None: "static" when use_cache
     compile: bool = False
 
     def __post_init__(self):
@@ -68,12 +70,17 @@ class SamplingParams:
                 raise ValueError(f"{name} must be an integer >= {0 if name == 'seed' else 1} (got {value!r})")
         if not (isinstance(self.cfg_scale, int | float) and math.isfinite(self.cfg_scale) and self.cfg_scale >= 0):
             raise ValueError(f"cfg_scale must be a finite number >= 0 (got {self.cfg_scale}); 1 turns guidance off")
-        if self.cache not in CACHES:
+        if self.cache is not None and self.cache not in CACHES:
             raise ValueError(f"cache must be one of {CACHES} (got {self.cache!r})")
-        if not self.use_cache and (self.cache != "dynamic" or self.compile):
-            raise ValueError("cache='static' and compile need use_cache=True")
-        if self.compile and self.cache != "static":
+        if not self.use_cache and (self.cache is not None or self.compile):
+            raise ValueError("cache and compile need use_cache=True")
+        if self.compile and self.kv_cache != "static":
             raise ValueError("compile needs cache='static' (a compiled forward needs fixed shapes)")
+
+    @property
+    def kv_cache(self) -> str | None:
+        """The cache generate() uses: "static", "dynamic", or None (no cache)."""
+        return (self.cache or "static") if self.use_cache else None
 
 
 class NextToken(LogitsProcessor):
@@ -219,13 +226,13 @@ def generate_ids(
     ids, mask = left_pad(rows, vocab.pad)
     processors = LogitsProcessorList([NextToken(grammar, params)])  # generate() runs greedy: it draws
     cache = {}
-    if params.use_cache and params.cache == "static":
+    if params.kv_cache == "static":
         cache["cache_implementation"] = "static"
         if params.compile:
             cache["compile_config"] = compile_config(device)
     if not params.compile:
         cache["disable_compile"] = True
-    live = params.use_cache and params.cache == "static" and not params.compile
+    live = params.kv_cache == "static" and not params.compile
     attention = LIVE_SDPA if live and model.config._attn_implementation == "sdpa" else model.config._attn_implementation
     with attention_implementation(model, attention):
         out = model.generate(
