@@ -252,3 +252,26 @@ def test_static_cache_with_live_attention_gives_the_dynamic_cache_logits(model):
         logits[cache] = torch.stack(out.logits)
     assert model.config._attn_implementation == "sdpa"  # restored
     assert torch.allclose(logits["dynamic"], logits["static"], atol=1e-5)
+
+
+def test_grouped_query_attention_knob_decodes_like_full_recomputation():
+    """`n_kv_heads`: fewer key/value heads (smaller cache to read per step); every cache gives the
+    logits of full recomputation, and a bad count is refused with the rule."""
+    config = TransformerConfig(n_layers=2, d_model=32, n_heads=4, ffn_hidden=64, n_kv_heads=1)
+    torch.manual_seed(0)
+    gqa = build_transformer(config, VOCAB).eval()
+    assert gqa.model.layers[0].self_attn.k_proj.out_features == 32 // 4  # one head of 8
+    ids, mask = left_pad(_prompts(), VOCAB.pad)
+    logits = {}
+    for name, kwargs in (("none", {"use_cache": False}), ("dynamic", {}), ("static", {})):
+        cache = {} if name == "none" else {"cache_implementation": name}
+        with attention_implementation(gqa, LIVE_SDPA if name == "static" else "sdpa"):
+            out = gqa.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, output_logits=True,
+                return_dict_in_generate=True, pad_token_id=VOCAB.pad, eos_token_id=None, **kwargs, **cache,
+            )  # fmt: skip
+        logits[name] = torch.stack(out.logits)
+    assert torch.allclose(logits["none"], logits["dynamic"], atol=1e-5)
+    assert torch.allclose(logits["none"], logits["static"], atol=1e-5)
+    with pytest.raises(ValueError, match="must be positive and divide n_heads"):
+        TransformerConfig(n_heads=4, n_kv_heads=3)

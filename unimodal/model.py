@@ -25,12 +25,15 @@ class TransformerConfig:
     ffn_hidden: int = 512
     dropout: float = 0.0
     rope_theta: float = 10000.0
+    n_kv_heads: int | None = None  # key/value heads (grouped-query attention); None: n_heads
 
     def __post_init__(self):
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if min(self.n_layers, self.d_model, self.n_heads, self.ffn_hidden) <= 0:
             raise ValueError("n_layers, d_model, n_heads and ffn_hidden must be positive")
+        if self.n_kv_heads is not None and (self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads):
+            raise ValueError(f"n_kv_heads ({self.n_kv_heads}) must be positive and divide n_heads ({self.n_heads})")
 
 
 def build_transformer(config: TransformerConfig, vocab: JointVocab) -> LlamaForCausalLM:
@@ -40,7 +43,7 @@ def build_transformer(config: TransformerConfig, vocab: JointVocab) -> LlamaForC
         intermediate_size=config.ffn_hidden,
         num_hidden_layers=config.n_layers,
         num_attention_heads=config.n_heads,
-        num_key_value_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads or config.n_heads,
         max_position_embeddings=vocab.max_sequence_length,
         attention_dropout=config.dropout,
         rope_theta=config.rope_theta,

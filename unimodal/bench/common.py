@@ -49,12 +49,13 @@ def add_model_args(parser, n_layers: int = 4, d_model: int = 192, n_heads: int =
     parser.add_argument("--d-model", type=int, default=d_model)
     parser.add_argument("--n-heads", type=int, default=n_heads)
     parser.add_argument("--ffn-hidden", type=int, default=ffn_hidden)
+    parser.add_argument("--n-kv-heads", type=int, default=None, help="key/value heads (default: --n-heads)")
 
 
 def model_config(args):
     from ..model import TransformerConfig
 
-    return TransformerConfig(args.n_layers, args.d_model, args.n_heads, args.ffn_hidden)
+    return TransformerConfig(args.n_layers, args.d_model, args.n_heads, args.ffn_hidden, n_kv_heads=args.n_kv_heads)
 
 
 def print_table(title: str, rows: list[dict], json_path: str | None = None, extra: dict | None = None):

@@ -78,14 +78,15 @@ def linear_seconds(model, batch: int, device: str) -> tuple[float, float]:
 
 
 def attention_seconds(model, batch: int, context: int, device: str) -> float:
-    """Seconds of SDPA alone for one decoding step: every layer's one query row per image against
-    `context` cached keys and values (reading the cache is what bounds it)."""
+    """Seconds of SDPA alone for one decoding step: every layer's one query row per image and head
+    against `context` cached keys and values (reading the cache is what bounds it). With fewer
+    key/value heads, each one's query heads form its rows, as the library's decoding path packs them."""
     cfg = model.config
-    heads = cfg.num_attention_heads
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     dtype = next(model.parameters()).dtype
-    q = torch.randn(batch, heads, 1, head_dim, device=device, dtype=dtype)
-    k, v = (torch.randn(batch, heads, context, head_dim, device=device, dtype=dtype) for _ in range(2))
+    q = torch.randn(batch, kv_heads, heads // kv_heads, head_dim, device=device, dtype=dtype)
+    k, v = (torch.randn(batch, kv_heads, context, head_dim, device=device, dtype=dtype) for _ in range(2))
 
     @torch.no_grad()
     def step():
