@@ -17,8 +17,12 @@ TINY = ["--n-layers", "1", "--d-model", "32", "--n-heads", "2", "--ffn-hidden", 
 @pytest.fixture
 def fixed_peak(monkeypatch):
     """The 2048^3 peak matmuls take seconds here; a fixed peak keeps MFU checkable."""
+
+    def peak(device="cpu", dtype=None):
+        return 1e10 if dtype is None else 4e10  # fp32 (the default), bf16
+
     for module in (bench_train, bench_sample):
-        monkeypatch.setattr(module, "measured_peak_flops", lambda device="cpu": 1e10)
+        monkeypatch.setattr(module, "measured_peak_flops", peak)
 
 
 def test_train_bench_times_every_loop_on_the_same_model(tmp_path, fixed_peak):
@@ -36,6 +40,10 @@ def test_train_bench_times_every_loop_on_the_same_model(tmp_path, fixed_peak):
         per_step = tokens // 2 if "accumulate" in r["loop"] else tokens  # the accumulate row times half batches
         assert r["tokens/s"] == pytest.approx(per_step / (r["step ms"] / 1000))
         assert r["MFU (fp32 peak)"] == pytest.approx(r["tokens/s"] * result["flops_per_token"] / 1e10)
+        if "bf16" in r["loop"]:  # bf16 rows also against the bf16 peak (4e10 here)
+            assert r["MFU (bf16 peak)"] == pytest.approx(r["MFU (fp32 peak)"] / 4)
+        else:
+            assert r["MFU (bf16 peak)"] is None
     assert result["lightning_over_bare"] == pytest.approx(result["rows"][2]["tokens/s"] / result["rows"][0]["tokens/s"])
     assert result["device"] == "cpu" and result["stage1_images_per_s"] > 0
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 
 
-def measured_peak_flops(device: str = "cpu", size: int = 2048, repeats: int = 10) -> float:
-    """FLOP/s of large square matmuls (fp32 on CPU, bf16 on GPU): the denominator of every MFU."""
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+def measured_peak_flops(device: str = "cpu", size: int = 2048, repeats: int = 10, dtype=None) -> float:
+    """FLOP/s of large square matmuls (by default fp32 on CPU, bf16 on GPU): the denominator of every MFU."""
+    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     seconds = time_it(lambda: a @ b, repeats=repeats, warmup=2, device=device)
