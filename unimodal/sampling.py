@@ -226,14 +226,15 @@ def generate_ids(
     ids, mask = left_pad(rows, vocab.pad)
     processors = LogitsProcessorList([NextToken(grammar, params)])  # generate() runs greedy: it draws
     cache = {}
+    attention = model.config._attn_implementation
     if params.kv_cache == "static":
         cache["cache_implementation"] = "static"
         if params.compile:
             cache["compile_config"] = compile_config(device)
+        elif attention == "sdpa":
+            attention = LIVE_SDPA  # eager decoding: attend over the filled part of the cache only
     if not params.compile:
         cache["disable_compile"] = True
-    live = params.kv_cache == "static" and not params.compile
-    attention = LIVE_SDPA if live and model.config._attn_implementation == "sdpa" else model.config._attn_implementation
     with attention_implementation(model, attention):
         out = model.generate(
             input_ids=ids.to(device),
