@@ -123,3 +123,14 @@ def test_compiled_training_forward_matches_eager_and_keeps_the_state_dict(monkey
     assert module._compiled is not None and module._model() is module._compiled[1]  # the compiled twin ran
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("target", ["train", "sample", "profile"])
+def test_bench_refuses_a_model_size_the_config_refuses_in_one_line(target, capsys):
+    from unimodal.bench.__main__ import main as bench_main
+
+    args = [target] + (["sample"] if target == "profile" else []) + ["--n-heads", "4", "--n-kv-heads", "3"]
+    with pytest.raises(SystemExit) as exit_info:
+        bench_main(args)
+    assert exit_info.value.code == 2
+    assert "n_kv_heads (3) must be positive and divide n_heads (4)" in capsys.readouterr().err

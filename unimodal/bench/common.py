@@ -52,10 +52,14 @@ def add_model_args(parser, n_layers: int = 4, d_model: int = 192, n_heads: int =
     parser.add_argument("--n-kv-heads", type=int, default=None, help="key/value heads (default: --n-heads)")
 
 
-def model_config(args):
+def model_config(args, parser):
+    """The TransformerConfig the size flags ask for; a size it refuses ends the run with its one-line reason."""
     from ..model import TransformerConfig
 
-    return TransformerConfig(args.n_layers, args.d_model, args.n_heads, args.ffn_hidden, n_kv_heads=args.n_kv_heads)
+    try:
+        return TransformerConfig(args.n_layers, args.d_model, args.n_heads, args.ffn_hidden, n_kv_heads=args.n_kv_heads)
+    except ValueError as err:
+        parser.error(str(err))
 
 
 def print_table(title: str, rows: list[dict], json_path: str | None = None, extra: dict | None = None):

@@ -102,7 +102,7 @@ def main(argv: list[str]) -> int:
         from ..lit import TransformerModule
         from .train import bare_loop, synthetic_batches
 
-        module = TransformerModule(vocab=vocab, model=model_config(args))
+        module = TransformerModule(vocab=vocab, model=model_config(args, p))
         batches = synthetic_batches(vocab, args.batch, 16, args.steps)
         label = f"{args.steps} training steps, batch {args.batch}, seq {batches[0]['input_ids'].shape[1]}"
         profile_call(lambda: bare_loop(module, batches, warmup=0), label, args.top, args.json)
@@ -110,7 +110,7 @@ def main(argv: list[str]) -> int:
         from ..model import build_transformer
         from ..sampling import SamplingParams, generate_codes
 
-        model = build_transformer(model_config(args), vocab).eval()
+        model = build_transformer(model_config(args, p), vocab).eval()
         prompts = [vocab.prompt(list(range(3, 15)))] * args.batch
         mode = {"use_cache": False} if args.cache == "none" else {"cache": args.cache}
         try:

@@ -108,7 +108,7 @@ def step_bounds(model, batch: int, context: int, fpt: float, device: str, peak: 
     }
 
 
-def _model(args):
+def _model(args, config):
     if args.bundle:
         from ..bundle import Bundle
 
@@ -117,7 +117,7 @@ def _model(args):
         return bundle.transformer, bundle.vocab, prompt, f"bundle {args.bundle}"
     vocab = JointVocab(text_size=1024, image_size=args.codebook, image_grid=(args.grid, args.grid))
     torch.manual_seed(0)
-    model = build_transformer(model_config(args), vocab).to(args.device, DTYPES[args.dtype]).eval()
+    model = build_transformer(config, vocab).to(args.device, DTYPES[args.dtype]).eval()
     prompt = vocab.prompt(list(range(3, 3 + 12)))  # a 12-token caption
     size = f"{args.n_layers} layers, d={args.d_model}, {args.dtype}"
     return model, vocab, prompt, f"fresh model ({size}), {args.grid}x{args.grid} codes, K={args.codebook}"
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     modes = args.modes or ["none", "dynamic", "static"] + (["static+compile"] if args.device.startswith("cuda") else [])
 
-    model, vocab, prompt, what = _model(args)
+    model, vocab, prompt, what = _model(args, None if args.bundle else model_config(args, p))
     peak = measured_peak_flops(args.device)
     fpt = flops_per_token(model, vocab, len(prompt))
     new_tokens = vocab.image_tokens + 2

@@ -121,6 +121,7 @@ def main(argv: list[str]) -> int:
     if args.accumulate > 1 and args.batch_size % args.accumulate:
         p.error(f"--batch-size {args.batch_size} is not divisible by --accumulate {args.accumulate}")
 
+    config = model_config(args, p)  # a bad size is refused before seconds of peak measurement
     device = args.device
     peak = measured_peak_flops(device)
     peak_name = "bf16 peak" if device.startswith("cuda") else "fp32 peak"
@@ -128,7 +129,6 @@ def main(argv: list[str]) -> int:
     # rows are also measured against that peak, so MFU stays a fraction of what the arithmetic allows
     bf16_peak = measured_peak_flops(device, dtype=torch.bfloat16) if args.bf16 and peak_name == "fp32 peak" else None
     vocab = JointVocab(text_size=400, image_size=args.codebook, image_grid=(args.grid, args.grid), max_text_tokens=32)
-    config = model_config(args)
     batches = synthetic_batches(vocab, args.batch_size, args.text_len, args.steps)
     seq_len = batches[0]["input_ids"].shape[1]
     tokens = args.batch_size * seq_len
