@@ -20,6 +20,7 @@ from unimodal.sampling import (
     generate_ids,
     left_pad,
     live_sdpa_attention,
+    live_sdpa_mask,
 )
 from unimodal.vocab import JointVocab
 
@@ -222,22 +223,29 @@ def test_draw_follows_the_softmax_and_never_picks_a_forbidden_id():
 
 
 def test_live_attention_reads_only_the_filled_part_of_a_static_cache(model):
-    """The tail of a static cache is never read: NaN there changes nothing, and the result is SDPA's."""
+    """Decoding the 8th token into a 12-slot static cache: the live mask spans the 7 filled keys,
+    the tail is never read (NaN there changes nothing), and the result is SDPA's over those keys."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import sdpa_mask
 
     module = model.model.layers[0].self_attn
     torch.manual_seed(0)
     q = torch.randn(3, 2, 1, 16)
     k, v = torch.randn(3, 2, 12, 16), torch.randn(3, 2, 12, 16)
-    mask = torch.zeros(3, 1, 1, 12, dtype=torch.bool)
-    mask[:, ..., 2:7] = True  # keys 0..6 filled (rows 0-1 left-padded by 2), 7.. not yet
-    mask[2, ..., :2] = True
+    padding = torch.ones(3, 7, dtype=torch.bool)
+    padding[:2, :2] = False  # rows 0-1 left-padded by 2
     k[:, :, 7:], v[:, :, 7:] = float("nan"), float("nan")
+    mask = live_sdpa_mask(3, 1, 12, q_offset=6, attention_mask=padding)
+    assert mask.shape == (3, 1, 1, 7)
     live, _ = live_sdpa_attention(module, q, k, v, mask, scaling=0.25)
-    reference, _ = sdpa_attention_forward(module, q, k[:, :, :7], v[:, :, :7], mask[..., :7], scaling=0.25)
+    reference, _ = sdpa_attention_forward(module, q, k[:, :, :7], v[:, :, :7], mask, scaling=0.25)
     assert torch.isfinite(live).all() and torch.allclose(live, reference)
-    plain, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)
+    assert mask[:2, ..., :2].logical_not().all() and mask[..., 2:].all()  # padding and causality kept
+    full = sdpa_mask(3, 1, 12, q_offset=6, attention_mask=padding)  # the library's: every slot
+    plain, _ = sdpa_attention_forward(module, q, k, v, full, scaling=0.25)
     assert not torch.isfinite(plain).all()  # plain SDPA reads the tail: the NaN shows
+    prefill = live_sdpa_mask(3, 7, 12, attention_mask=padding)  # a whole prompt: the library's mask
+    assert torch.equal(prefill, sdpa_mask(3, 7, 12, attention_mask=padding))
 
 
 def test_static_cache_with_live_attention_gives_the_dynamic_cache_logits(model):

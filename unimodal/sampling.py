@@ -149,35 +149,32 @@ def warpers(params: SamplingParams) -> LogitsProcessorList | None:
 LIVE_SDPA = "unimodal_live_sdpa"
 
 
-def live_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
-    """The library's SDPA attention over the filled part of a static cache only.
+def live_sdpa_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0, **kwargs):
+    """The library's SDPA mask, over the filled part of a static cache only when decoding one token.
 
-    A static cache hands attention its whole preallocated length (prompt + every new token) and a
-    mask over the unfilled tail, so SDPA reads all of it at every step: on average twice the live
-    length while drawing an image, and reading the cache is what a batch-64 step waits on. When
-    decoding one token, this drops the tail past the last key any row may attend to, then calls
-    `sdpa_attention_forward` unchanged (same result). Not under torch.compile (fixed shapes).
+    A static cache hands the mask (and attention) its whole preallocated length - prompt and every
+    token still to come - so SDPA would read all of it at every step: on average twice the filled
+    length while drawing an image, and reading the cache is what a batch-64 step waits on. Decoding
+    the token at position `q_offset` fills keys 0..q_offset, so the mask stops there and
+    `live_sdpa_attention` cuts keys and values to the mask's length. Eager decoding only: a length
+    that changes every step would recompile a fixed-shape compiled graph.
     """
-    if query.shape[2] == 1 and attention_mask is not None and attention_mask.dtype == torch.bool:
-        if not torch.compiler.is_compiling():
-            live = _live_length(attention_mask)
-            key, value, attention_mask = key[:, :, :live], value[:, :, :live], attention_mask[..., :live]
+    if q_length == 1 and kv_offset == 0 and not torch.compiler.is_compiling():
+        kv_length = min(kv_length, int(q_offset) + 1)
+    return sdpa_mask(batch_size, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset, **kwargs)
+
+
+def live_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
+    """The library's SDPA attention over the keys the mask covers: a `live_sdpa_mask` mask shorter
+    than the static cache drops its unfilled tail (the library's own masks always span every key)."""
+    if attention_mask is not None and attention_mask.shape[-1] < key.shape[-2]:
+        live = attention_mask.shape[-1]
+        key, value = key[:, :, :live], value[:, :, :live]
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-_last_live = [None, 0]  # (mask, its live length): every layer of a step gets the same mask object
-
-
-def _live_length(mask: torch.Tensor) -> int:
-    """1 + the last key position any row may attend to, for a bool mask (..., keys)."""
-    if _last_live[0] is not mask:
-        filled = mask.flatten(0, -2).any(0).nonzero()  # (n, 1) key positions, ascending
-        _last_live[:] = [mask, int(filled[-1]) + 1 if len(filled) else mask.shape[-1]]
-    return _last_live[1]
-
-
 AttentionInterface.register(LIVE_SDPA, live_sdpa_attention)
-AttentionMaskInterface.register(LIVE_SDPA, sdpa_mask)  # the masks SDPA gets
+AttentionMaskInterface.register(LIVE_SDPA, live_sdpa_mask)
 
 
 @contextmanager
