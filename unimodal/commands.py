@@ -39,7 +39,12 @@ def _sampling_args(p: argparse.ArgumentParser):
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--cache", choices=["dynamic", "static"], default="static",
                    help="the library's KV cache: static (preallocated) or dynamic (grows per step)")  # fmt: skip
-    p.add_argument("--compile", action="store_true", help="torch.compile the forward (needs --cache static)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the forward (needs --cache static; on CPU the fastest at batch 1, not at batch 64; "
+        "much slower for a model with n_kv_heads < n_heads: the library repeats K/V under compile)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
