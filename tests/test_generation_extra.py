@@ -4,18 +4,22 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import LogitsProcessorList
+from transformers import CompileConfig, LogitsProcessorList
 
+from unimodal import sampling
 from unimodal.bundle import Bundle
 from unimodal.caption import caption_images, parse_caption
 from unimodal.grammar import CAPTION_START, END, GrammarLogitsProcessor, SegmentGrammar
 from unimodal.model import TransformerConfig, build_transformer
 from unimodal.rerank import ContrastiveScorer, RerankerConfig, load_or_train_reranker, rerank
 from unimodal.sampling import (
+    COMPILED_LIVE_SDPA,
     LIVE_SDPA,
+    GuardSkip,
     SamplingParams,
     attention_implementation,
     draw,
+    filled_cache_attention,
     generate_codes,
     generate_ids,
     left_pad,
@@ -248,18 +252,54 @@ def test_live_attention_reads_only_the_filled_part_of_a_static_cache(model):
     assert torch.equal(prefill, sdpa_mask(3, 7, 12, attention_mask=padding))
 
 
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_filled_cache_attention_reads_only_the_filled_keys_and_matches_repeated_kv_sdpa(kv_heads):
+    """The compiled graph's operator: given the library's whole-cache mask while decoding the 8th token
+    of 12 slots, it reads keys 0..6 only (NaN beyond changes nothing) and equals SDPA with every
+    key/value head repeated for its query heads, left padding included."""
+    from transformers.masking_utils import sdpa_mask
+
+    torch.manual_seed(0)
+    q = torch.randn(3, 4, 1, 16)
+    k, v = torch.randn(3, kv_heads, 12, 16), torch.randn(3, kv_heads, 12, 16)
+    padding = torch.ones(3, 7, dtype=torch.bool)
+    padding[:2, :2] = False  # rows 0-1 left-padded by 2
+    full = sdpa_mask(3, 1, 12, q_offset=6, attention_mask=padding)  # (3, 1, 1, 12): the library's, every slot
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(4 // kv_heads, 1), v.repeat_interleave(4 // kv_heads, 1), attn_mask=full, scale=0.25
+    )
+    k[:, :, 7:], v[:, :, 7:] = float("nan"), float("nan")
+    out = filled_cache_attention(q, k, v, full, 0.25)
+    assert out.shape == q.shape and torch.isfinite(out).all()
+    torch.testing.assert_close(out, reference)
+    k[:, :, 6] = float("nan")  # the key being decoded must be read
+    assert not torch.isfinite(filled_cache_attention(q, k, v, full, 0.25)).all()
+
+
 def test_static_cache_with_live_attention_gives_the_dynamic_cache_logits(model):
+    """Eager decoding with `LIVE_SDPA`, and a compiled forward (dynamo's `eager` backend: the same graph,
+    no inductor) with `filled_cache_attention` inside, give the dynamic cache's logits."""
     ids, mask = left_pad(_prompts(), VOCAB.pad)
+    compiled = CompileConfig(dynamic=False, backend="eager")
+    compiled._compile_all_devices = True
+    runs = {
+        "dynamic": ("sdpa", {"cache_implementation": "dynamic"}),
+        "static": (LIVE_SDPA, {"cache_implementation": "static"}),
+        "static+compile": (COMPILED_LIVE_SDPA, {"cache_implementation": "static", "compile_config": compiled}),
+    }
     logits = {}
-    for cache in ("dynamic", "static"):
-        with attention_implementation(model, LIVE_SDPA if cache == "static" else "sdpa"):
+    torch._dynamo.reset()
+    for name, (attention, cache) in runs.items():
+        with attention_implementation(model, attention):
             out = model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, cache_implementation=cache,
-                output_logits=True, return_dict_in_generate=True, pad_token_id=VOCAB.pad, eos_token_id=None,
+                input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, output_logits=True,
+                return_dict_in_generate=True, pad_token_id=VOCAB.pad, eos_token_id=None, **cache,
             )  # fmt: skip
-        logits[cache] = torch.stack(out.logits)
+        logits[name] = torch.stack(out.logits)
+    torch._dynamo.reset()
     assert model.config._attn_implementation == "sdpa"  # restored
-    assert torch.allclose(logits["dynamic"], logits["static"], atol=1e-5)
+    torch.testing.assert_close(logits["dynamic"], logits["static"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits["dynamic"], logits["static+compile"], atol=1e-5, rtol=1e-5)
 
 
 def test_grouped_query_attention_knob_decodes_like_full_recomputation():
@@ -283,3 +323,35 @@ def test_grouped_query_attention_knob_decodes_like_full_recomputation():
     assert torch.allclose(logits["none"], logits["static"], atol=1e-5)
     with pytest.raises(ValueError, match="must be positive and divide n_heads"):
         TransformerConfig(n_heads=4, n_kv_heads=3)
+
+
+@pytest.mark.parametrize("filled_from_rows", [1, 100], ids=["filled-cache-op", "whole-cache"])
+def test_compiled_sampling_skips_guards_within_one_call_only(model, monkeypatch, filled_from_rows):
+    """Compiled decoding gives eager decoding's codes, through `filled_cache_attention` or plain SDPA
+    over the whole cache. From the second decoding step of a compiled call on, dynamo checks only the
+    guards that tell its graphs apart; the next call (another batch: another graph) checks everything
+    again at its first step, and the caller's stance comes back. Dynamo's `eager` backend: the same
+    graphs and guards, no inductor."""
+    monkeypatch.setattr(sampling, "COMPILED_LIVE_MIN_ROWS", filled_from_rows)
+    config = CompileConfig(dynamic=False, backend="eager")
+    config._compile_all_devices = True
+    monkeypatch.setattr(sampling, "compile_config", lambda device: config)
+    skipping = []  # per step: was skip_guard_eval_unsafe on after `GuardSkip.step`?
+    step = GuardSkip.step
+
+    def recording_step(self):
+        step(self)
+        skipping.append(torch._dynamo.eval_frame._stance.skip_guard_eval_unsafe)
+
+    monkeypatch.setattr(GuardSkip, "step", recording_step)
+    torch._dynamo.reset()
+    for rows in (_prompts()[:2], _prompts()):  # batch 2, then batch 4: the second call needs a new graph
+        skipping.clear()
+        eager = generate_codes(model, VOCAB, rows, SamplingParams(greedy=True, cache="static"))
+        assert len(skipping) == VOCAB.image_tokens + 2 and not any(skipping)  # eager decoding: nothing to skip
+        skipping.clear()
+        compiled = generate_codes(model, VOCAB, rows, SamplingParams(greedy=True, cache="static", compile=True))
+        assert torch.equal(compiled, eager)
+        assert skipping[0] is False and all(skipping[1:])  # on from the 2nd step: the 1st compiled one checked all
+        assert not torch._dynamo.eval_frame._stance.skip_guard_eval_unsafe  # restored after the call
+    torch._dynamo.reset()
