@@ -302,13 +302,14 @@ def test_static_cache_with_live_attention_gives_the_dynamic_cache_logits(model):
     torch.testing.assert_close(logits["dynamic"], logits["static+compile"], atol=1e-5, rtol=1e-5)
 
 
-def test_grouped_query_attention_knob_decodes_like_full_recomputation():
-    """`n_kv_heads`: fewer key/value heads (smaller cache to read per step); every cache gives the
-    logits of full recomputation, and a bad count is refused with the rule."""
-    config = TransformerConfig(n_layers=2, d_model=32, n_heads=4, ffn_hidden=64, n_kv_heads=1)
+@pytest.mark.parametrize("kv_heads", [1, 2, None])
+def test_grouped_query_attention_knob_decodes_like_full_recomputation(kv_heads):
+    """`n_kv_heads`: 1 (the default), 2, or one per query head (None); every cache gives the logits of
+    full recomputation, and a bad count is refused with the rule."""
+    config = TransformerConfig(n_layers=2, d_model=32, n_heads=4, ffn_hidden=64, n_kv_heads=kv_heads)
     torch.manual_seed(0)
     gqa = build_transformer(config, VOCAB).eval()
-    assert gqa.model.layers[0].self_attn.k_proj.out_features == 32 // 4  # one head of 8
+    assert gqa.model.layers[0].self_attn.k_proj.out_features == (kv_heads or 4) * 32 // 4  # heads of 8
     ids, mask = left_pad(_prompts(), VOCAB.pad)
     logits = {}
     for name, kwargs in (("none", {"use_cache": False}), ("dynamic", {}), ("static", {})):

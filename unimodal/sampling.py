@@ -38,9 +38,10 @@ from .grammar import GrammarLogitsProcessor, SegmentGrammar
 CACHES = ("dynamic", "static")
 # Compiled decoding (both are switches for A/B measurements; see experiments/generation/results.md):
 SKIP_GUARDS = True  # check dynamo's guards at the first compiled step of a call only (`GuardSkip`)
-# From this many rows (prompts, doubled by CFG) the compiled forward attends through
+# From this many rows (prompts, doubled by CFG) a compiled forward on the CPU attends through
 # `filled_cache_attention`; below, a call out of the graph costs more than the unfilled cache it skips
-# (2-core CPU, default model, 256-token images: batch 4 1.29 vs 1.35 ms/step, batch 16 2.83 vs 2.43).
+# (2-core CPU, 4 layers, d=192, 256-token images: batch 4 1.29 vs 1.35 ms/step, batch 16 2.83 vs 2.43).
+# Not used on GPUs (unmeasured there; finding the filled length syncs the device every layer).
 COMPILED_LIVE_MIN_ROWS = 8
 
 
@@ -258,7 +259,7 @@ class GuardSkip:
     """Skips the compiled forward's guard checks from the second decoding step of one `generate()` call on.
 
     Before each call of a compiled function, dynamo checks every guard it recorded (shapes, dtypes,
-    module attributes, ...) to pick the right graph: 0.1 ms of a 0.7 ms compiled batch-1 step. Within
+    module attributes, ...) to pick the right graph: 0.05 ms of a 0.7 ms compiled batch-1 step. Within
     one call the decoding steps of a static cache all see the same shapes, so once the first decoding
     step has run with every check (compiling anew if this call's batch or length is new),
     `torch.compiler.set_stance(skip_guard_eval_unsafe=True)` runs only the guards that tell the cached
@@ -315,8 +316,11 @@ def generate_ids(
         cache["cache_implementation"] = "static"
         if params.compile:
             cache["compile_config"] = compile_config(device)
-        if attention == "sdpa" and not (params.compile and b * (2 if guided else 1) < COMPILED_LIVE_MIN_ROWS):
-            attention = COMPILED_LIVE_SDPA if params.compile else LIVE_SDPA  # over the filled part of the cache
+        if attention == "sdpa":  # attend over the filled part of the cache only
+            if not params.compile:
+                attention = LIVE_SDPA
+            elif device.type == "cpu" and len(rows) >= COMPILED_LIVE_MIN_ROWS:  # measured on CPUs only
+                attention = COMPILED_LIVE_SDPA
     if not params.compile:
         cache["disable_compile"] = True
     with attention_implementation(model, attention), guards:

@@ -49,7 +49,7 @@ def add_model_args(parser, n_layers: int = 4, d_model: int = 192, n_heads: int =
     parser.add_argument("--d-model", type=int, default=d_model)
     parser.add_argument("--n-heads", type=int, default=n_heads)
     parser.add_argument("--ffn-hidden", type=int, default=ffn_hidden)
-    parser.add_argument("--n-kv-heads", type=int, default=None, help="key/value heads (default: --n-heads)")
+    parser.add_argument("--n-kv-heads", type=int, default=1, help="key/value heads (default: 1, the default model's)")
 
 
 def model_config(args, parser):
