@@ -18,6 +18,7 @@ from unimodal.sampling import (
     GuardSkip,
     SamplingParams,
     attention_implementation,
+    decode_sdpa_mask,
     draw,
     filled_cache_attention,
     generate_codes,
@@ -250,6 +251,31 @@ def test_live_attention_reads_only_the_filled_part_of_a_static_cache(model):
     assert not torch.isfinite(plain).all()  # plain SDPA reads the tail: the NaN shows
     prefill = live_sdpa_mask(3, 7, 12, attention_mask=padding)  # a whole prompt: the library's mask
     assert torch.equal(prefill, sdpa_mask(3, 7, 12, attention_mask=padding))
+
+
+def _same_mask(a, b):
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+
+
+def test_decode_mask_is_the_library_mask():
+    """`decode_sdpa_mask` builds the library's `sdpa_mask` for one decoded token (any padding, filled
+    length and cache length) and hands everything else to it; generation takes the fast path."""
+    from transformers.masking_utils import sdpa_mask
+
+    torch.manual_seed(0)
+    for case in range(60):
+        b, filled = int(torch.randint(1, 5, ())), int(torch.randint(1, 12, ()))
+        kv_length = filled + int(torch.randint(0, 6, ()))
+        padding = torch.rand(b, filled) > 0.3
+        padding[:, -1] = True  # every row attends to the token it decodes
+        args = (b, 1, kv_length)
+        kw = {"q_offset": torch.tensor(filled - 1), "attention_mask": None if case % 3 == 0 else padding}
+        kw["allow_is_causal_skip"] = False  # what decoding with a static cache asks for
+        assert torch.equal(decode_sdpa_mask(*args, **kw), sdpa_mask(*args, **kw))
+        kw["allow_is_causal_skip"] = True  # the library may skip the mask: its answer
+        assert _same_mask(decode_sdpa_mask(*args, **kw), sdpa_mask(*args, **kw))
+    prompt = {"q_offset": 0, "attention_mask": torch.ones(2, 5, dtype=torch.bool), "allow_is_causal_skip": False}
+    assert torch.equal(decode_sdpa_mask(2, 5, 9, **prompt), sdpa_mask(2, 5, 9, **prompt))
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
