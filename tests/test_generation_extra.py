@@ -274,8 +274,24 @@ def test_decode_mask_is_the_library_mask():
         assert torch.equal(decode_sdpa_mask(*args, **kw), sdpa_mask(*args, **kw))
         kw["allow_is_causal_skip"] = True  # the library may skip the mask: its answer
         assert _same_mask(decode_sdpa_mask(*args, **kw), sdpa_mask(*args, **kw))
+        longer = torch.cat([padding, torch.rand(b, 3) > 0.5], 1)  # a padding mask past the decoded key
+        kw.update(attention_mask=longer, allow_is_causal_skip=False)
+        assert torch.equal(decode_sdpa_mask(*args, **kw), sdpa_mask(*args, **kw))
     prompt = {"q_offset": 0, "attention_mask": torch.ones(2, 5, dtype=torch.bool), "allow_is_causal_skip": False}
     assert torch.equal(decode_sdpa_mask(2, 5, 9, **prompt), sdpa_mask(2, 5, 9, **prompt))
+
+
+def test_decoding_builds_its_masks_on_the_fast_path(model, monkeypatch):
+    """Generation hands `decode_sdpa_mask` what its fast path takes: the library's `sdpa_mask` builds the
+    prompt's mask only (a change in what the library passes would silently lose the fast path)."""
+    from transformers.masking_utils import sdpa_mask
+
+    library_q_lengths = []  # of the masks the library builds
+    monkeypatch.setattr(sampling, "sdpa_mask", lambda *a, **k: library_q_lengths.append(a[1]) or sdpa_mask(*a, **k))
+    for rows in (_prompts(), [VOCAB.prompt([1, 2])]):  # left padding; none
+        library_q_lengths.clear()
+        generate_codes(model, VOCAB, rows, SamplingParams(greedy=True, cache="static"))
+        assert library_q_lengths and all(q > 1 for q in library_q_lengths)  # prompts only, no decoding step
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
@@ -381,4 +397,40 @@ def test_compiled_sampling_skips_guards_within_one_call_only(model, monkeypatch,
         assert torch.equal(compiled, eager)
         assert skipping[0] is False and all(skipping[1:])  # on from the 2nd step: the 1st compiled one checked all
         assert not torch._dynamo.eval_frame._stance.skip_guard_eval_unsafe  # restored after the call
+    skipping.clear()  # a caller's own stance is kept: no compiling, no skipping under force_eager
+    with torch.compiler.set_stance("force_eager"):
+        generate_codes(model, VOCAB, _prompts(), SamplingParams(greedy=True, cache="static", compile=True))
+        assert torch._dynamo.eval_frame._stance.stance == "force_eager" and not any(skipping)
+    skipping.clear()  # an error mid-call restores the stance too
+
+    def failing_step(self):
+        recording_step(self)
+        if self.calls == 5:
+            raise RuntimeError("stop")
+
+    monkeypatch.setattr(GuardSkip, "step", failing_step)
+    with pytest.raises(RuntimeError, match="stop"):
+        generate_codes(model, VOCAB, _prompts(), SamplingParams(greedy=True, cache="static", compile=True))
+    assert skipping[-1] and not torch._dynamo.eval_frame._stance.skip_guard_eval_unsafe
     torch._dynamo.reset()
+
+
+def test_inductor_compiled_decoding_with_the_filled_cache_operator_gives_the_dynamic_cache_logits():
+    """The production path: inductor (C++ wrapper on the CPU) around `filled_cache_attention`, 8 rows
+    with left padding and one key/value head, gives the dynamic cache's logits, and sampling's codes."""
+    torch.manual_seed(0)
+    tiny = build_transformer(TransformerConfig(n_layers=1, d_model=32, n_heads=2, ffn_hidden=64), VOCAB).eval()
+    rows = _prompts() * 2
+    assert len(rows) >= sampling.COMPILED_LIVE_MIN_ROWS
+    ids, mask = left_pad(rows, VOCAB.pad)
+    common = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, output_logits=True,
+                  return_dict_in_generate=True, pad_token_id=VOCAB.pad, eos_token_id=None)  # fmt: skip
+    torch._dynamo.reset()
+    dynamic = torch.stack(tiny.generate(cache_implementation="dynamic", **common).logits)
+    with attention_implementation(tiny, COMPILED_LIVE_SDPA):
+        out = tiny.generate(cache_implementation="static", compile_config=sampling.compile_config(ids.device), **common)
+    torch.testing.assert_close(torch.stack(out.logits), dynamic, atol=1e-5, rtol=1e-5)
+    eager = generate_codes(tiny, VOCAB, rows, SamplingParams(greedy=True, cache="static"))
+    compiled = generate_codes(tiny, VOCAB, rows, SamplingParams(greedy=True, cache="static", compile=True))
+    torch._dynamo.reset()
+    assert torch.equal(compiled, eager)

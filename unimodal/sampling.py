@@ -176,6 +176,7 @@ def decode_sdpa_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
         and kwargs.get("local_size") is None
         and not kwargs.get("allow_is_causal_skip", True)
         and (padding is None or padding.dim() == 2)
+        and torch.device(kwargs.get("device", "cpu")).type == "cpu"  # int(q_offset) would sync a GPU
         and not torch.compiler.is_compiling()
     ):
         filled = min(int(q_offset) + 1, kv_length)
@@ -246,11 +247,12 @@ def filled_cache_attention(
 
 @filled_cache_attention.register_fake
 def _(query, key, value, mask, scale):
-    return torch.empty_like(query)
+    return query.new_empty(query.shape)  # contiguous, as the real output
 
 
 def compiled_live_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    """The library's SDPA attention, except decoding one token with a mask: `filled_cache_attention`."""
+    """The library's SDPA attention, except decoding one token with a mask: `filled_cache_attention`,
+    which assumes left padding (every row decodes the same position, as `left_pad` + `generate()` give)."""
     if query.shape[2] == 1 and attention_mask is not None and attention_mask.dtype == torch.bool:
         out = filled_cache_attention(query, key, value, attention_mask, scaling)
         return out.transpose(1, 2).contiguous(), None
@@ -299,6 +301,10 @@ class GuardSkip:
     graphs apart. Used as a context manager around the call, which restores the caller's stance, so the
     next call's first step checks everything again. `step` is called once per step, after the forward:
     call 1 follows the prefill (never compiled), call 2 the first compiled decoding step.
+
+    Only under the default stance (a caller's `force_eager`, `fail_on_recompile` or forced backend is
+    left alone). The stance is process-wide: while a compiled call runs, compiled code in other
+    threads skips its checks too, so compiled sampling is not for several threads at once.
     """
 
     def __init__(self, enabled: bool):
@@ -309,7 +315,9 @@ class GuardSkip:
     def step(self):
         self.calls += 1
         if self.enabled and self.calls == 2:
-            self._stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+            caller = getattr(torch._dynamo.eval_frame, "_stance", None)  # no public getter
+            if caller is not None and caller.stance == "default" and caller.backend is None:
+                self._stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
 
     def __enter__(self):
         return self
