@@ -82,6 +82,9 @@ def sample_main(argv: list[str]) -> int:
     prompts = [q.strip() for q in args.prompt]
     if any(not q for q in prompts):
         raise ValueError("empty --prompt; give a caption such as 'a red circle at the top left'")
+    if args.compile:
+        print("--compile: the first batch compiles the forward (seconds to minutes on a CPU; the images/s "
+              "below include it)", file=sys.stderr)  # fmt: skip
     start = time.perf_counter()
     images = bundle.generate(prompts, params)
     if args.rerank:
