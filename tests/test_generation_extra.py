@@ -38,6 +38,14 @@ def model():
     return build_transformer(TransformerConfig(n_layers=2, d_model=32, n_heads=2, ffn_hidden=64), VOCAB).eval()
 
 
+def _dynamo_eager_config() -> CompileConfig:
+    """How generate() compiles in tests: dynamo's `eager` backend (the same graphs and guards, no
+    inductor), on every device."""
+    config = CompileConfig(dynamic=False, backend="eager")
+    config._compile_all_devices = True
+    return config
+
+
 def _prompts():
     v = VOCAB
     return [v.prompt([1, 2, 3]), v.prompt([4]), v.prompt([5, 6, 7, 8, 9]), v.prompt([])]  # left padding needed
@@ -322,8 +330,7 @@ def test_static_cache_with_live_attention_gives_the_dynamic_cache_logits(model):
     """Eager decoding with `LIVE_SDPA`, and a compiled forward (dynamo's `eager` backend: the same graph,
     no inductor) with `filled_cache_attention` inside, give the dynamic cache's logits."""
     ids, mask = left_pad(_prompts(), VOCAB.pad)
-    compiled = CompileConfig(dynamic=False, backend="eager")
-    compiled._compile_all_devices = True
+    compiled = _dynamo_eager_config()
     runs = {
         "dynamic": ("sdpa", {"cache_implementation": "dynamic"}),
         "static": (LIVE_SDPA, {"cache_implementation": "static"}),
@@ -376,8 +383,7 @@ def test_compiled_sampling_skips_guards_within_one_call_only(model, monkeypatch,
     again at its first step, and the caller's stance comes back. Dynamo's `eager` backend: the same
     graphs and guards, no inductor."""
     monkeypatch.setattr(sampling, "COMPILED_LIVE_MIN_ROWS", filled_from_rows)
-    config = CompileConfig(dynamic=False, backend="eager")
-    config._compile_all_devices = True
+    config = _dynamo_eager_config()
     monkeypatch.setattr(sampling, "compile_config", lambda device: config)
     skipping = []  # per step: was skip_guard_eval_unsafe on after `GuardSkip.step`?
     step = GuardSkip.step

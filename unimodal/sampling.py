@@ -168,7 +168,7 @@ def decode_sdpa_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
     batch-1 step) and 94 us at batch 64, against 7-8 us. Anything else (prompts, other mask functions,
     local attention, a mask `sdpa_mask` may skip) goes to `sdpa_mask`.
     """
-    padding = kwargs.get("attention_mask")
+    padding, device = kwargs.get("attention_mask"), torch.device(kwargs.get("device", "cpu"))
     if (
         q_length == 1
         and kv_offset == 0
@@ -176,11 +176,11 @@ def decode_sdpa_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
         and kwargs.get("local_size") is None
         and not kwargs.get("allow_is_causal_skip", True)
         and (padding is None or padding.dim() == 2)
-        and torch.device(kwargs.get("device", "cpu")).type == "cpu"  # int(q_offset) would sync a GPU
+        and device.type == "cpu"  # int(q_offset) would sync a GPU
         and not torch.compiler.is_compiling()
     ):
         filled = min(int(q_offset) + 1, kv_length)
-        mask = torch.zeros(batch_size, 1, 1, kv_length, dtype=torch.bool, device=kwargs.get("device", "cpu"))
+        mask = torch.zeros(batch_size, 1, 1, kv_length, dtype=torch.bool, device=device)
         if padding is None:
             mask[..., :filled] = True
         else:

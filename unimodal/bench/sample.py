@@ -148,7 +148,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    modes = args.modes
 
     model, vocab, prompt, what = _model(args, None if args.bundle else model_config(args, p))
     peak = measured_peak_flops(args.device)
@@ -160,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for batch in args.batches:
-        for mode in modes:
+        for mode in args.modes:
             if f"{mode}@{batch}" in args.skip:
                 continue
             params = SamplingParams(seed=0, batch_size=batch, **MODES[mode])
