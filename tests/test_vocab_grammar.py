@@ -2,7 +2,18 @@ import pytest
 import torch
 from transformers import LogitsProcessorList
 
-from unimodal.grammar import DONE, END, IMAGE, IMAGE_FULL, TEXT, TEXT_FULL, GrammarLogitsProcessor, SegmentGrammar
+from unimodal.grammar import (
+    DONE,
+    END,
+    IMAGE,
+    IMAGE_FULL,
+    TEXT,
+    TEXT_FULL,
+    GrammarLogitsProcessor,
+    GrammarSteps,
+    SegmentGrammar,
+    _unique_rows,
+)
 from unimodal.model import TransformerConfig, build_transformer, sequence_loss
 from unimodal.vocab import JointVocab
 
@@ -115,3 +126,36 @@ def test_processor_counting_one_id_per_step_equals_recounting_the_prefix(image_t
     assert len(set(states[:, -1].tolist())) > 2  # the walk reached several states, or it proves little
     # a prefix that is not the last one plus an id (a new call) is recounted, not advanced
     assert torch.equal(processor(ids[:, :5], scores) == 0, g.allowed_next(ids[:, :5]))
+
+
+def test_grammar_steps_sort_ids_into_the_kinds_advance_tells_apart():
+    """Kinds come from `advance` itself: text ids, image ids and each special move the counts differently;
+    <pad> and ids past the specials move nothing. Grouping equals torch.unique over rows."""
+    v = JointVocab(text_size=6, image_size=4, image_grid=(1, 3), max_text_tokens=3, image_to_text=True)
+    steps = GrammarSteps(SegmentGrammar(v))
+    kind = steps.kind
+    assert len({kind[i] for i in range(v.text_size)}) == 1
+    assert len({kind[i] for i in range(v.image_offset, v.special_offset)}) == 1
+    named = [kind[0], kind[v.image_offset], kind[v.bos], kind[v.boi], kind[v.eoi], kind[v.eos], kind[v.pad]]
+    assert len(set(named)) == 7 and len(set(kind)) == 7
+    rows = torch.randint(0, 3, (500, 6))
+    first, group = _unique_rows(rows)
+    _, expected = torch.unique(rows, dim=0, return_inverse=True)
+    assert torch.equal(rows[first][group], rows)
+    assert len(first) == int(expected.max()) + 1  # as many groups as distinct rows
+
+
+def test_processor_with_every_row_alike_and_with_rows_apart():
+    """One state for the whole batch (the shortcut) and several states give the masks of a full recount."""
+    v = JointVocab(text_size=6, image_size=4, image_grid=(1, 3), max_text_tokens=3)
+    g = SegmentGrammar(v)
+    same = torch.tensor([[v.bos, 1, v.boi] + [v.image_offset] * 3 + [v.eoi, v.eos]] * 4)
+    apart = same.clone()
+    apart[1] = torch.tensor([v.bos, v.boi] + [v.image_offset] * 3 + [v.eoi, v.eos, v.pad])  # one step ahead
+    states = g.states(apart)
+    assert (states[0] != states[1]).any() and (g.states(same) == g.states(same)[:1]).all()
+    for ids in (same, apart):
+        processor = GrammarLogitsProcessor(g)
+        for t in range(3, ids.shape[1] + 1):
+            got = processor(ids[:, :t], torch.zeros(ids.shape[0], v.size)) == 0
+            assert torch.equal(got, g.allowed_next(ids[:, :t])), t

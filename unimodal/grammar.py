@@ -124,6 +124,98 @@ class SegmentGrammar:
         return torch.where(self.vocab.is_image(ids), SEGMENT_IMAGE, SEGMENT_TEXT)
 
 
+FLAGS = ("started", "boi", "eoi", "eos")  # the yes/no counts, bit i of a packed flags integer
+COUNTS = ("text", "image", "caption")  # the running counts
+
+
+def _unique_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Groups of equal rows of an integer matrix (N, D): (a row index of each group (K,), each row's
+    group (N,)), as `torch.unique(rows, dim=0)` groups them, but by a sort of N random projections."""
+
+    def one_of_each(group: torch.Tensor) -> torch.Tensor:
+        return group.new_zeros(int(group.max()) + 1).scatter_(0, group, torch.arange(len(rows)))
+
+    projection = torch.rand(rows.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    _, group = torch.unique(rows.double() @ projection, return_inverse=True)
+    if not torch.equal(rows[one_of_each(group)][group], rows):  # two different rows shared a projection
+        _, group = torch.unique(rows, dim=0, return_inverse=True)
+    return one_of_each(group), group
+
+
+class GrammarSteps:
+    """`SegmentGrammar.advance` and `SegmentGrammar.state` for one decoding step, as lookups in small
+    tables of Python ints.
+
+    The grammar moves a row by the kind of id it appends, and which kinds exist follows from
+    `advance` itself: every id's effect (new flags, count increments) under each of the 16 flag
+    combinations is evaluated once, and ids with the same effects share a kind. The state depends
+    on each count only through whether it is 0, in between, or at its limit (T text or caption ids,
+    N codes), so it is a (16, 3, 3, 3) table evaluated from `state`. A decoding step then reads the
+    new ids once (`tolist`) and looks each distinct row up in Python. Inside `generate()` on a 2-core
+    CPU: 19 us per step at batch 1 and 65 us at batch 64, where `advance` + `state` as ~35 operations
+    on (B,) tensors took 80 and 157 us (12% of a compiled batch-1 decoding step).
+    A row is (flags, (text, image, caption)): the four yes/no counts as bits of one int, and the counts.
+    """
+
+    def __init__(self, grammar: SegmentGrammar):
+        v = grammar.vocab
+        combos = torch.arange(2 ** len(FLAGS))[:, None].expand(-1, v.size)  # (16, V)
+        before = {name: (combos >> i) & 1 == 1 for i, name in enumerate(FLAGS)}
+        effects = []
+        for base in (0, 1):  # evaluated at two count levels: increments must not depend on the counts
+            c = {**before, **{name: torch.full_like(combos, base) for name in COUNTS}}
+            after = grammar.advance(c, torch.arange(v.size).expand_as(combos))
+            effects.append(torch.stack([self._pack_flags(after)] + [after[n] - base for n in COUNTS], -1))
+        if not torch.equal(*effects):
+            raise RuntimeError(
+                "SegmentGrammar.advance: count increments depend on the counts; GrammarSteps cannot table them"
+            )
+        effect = effects[0]  # (16, V, 4): flags after, text/image/caption increments
+        per_id = effect.transpose(0, 1).flatten(1)  # (V, 64): one id's effects under every flag combination
+        # ids with equal effects, grouped by a random projection (a sort of V numbers; unique(dim=0)
+        # over the rows costs 2 ms per call), then checked exactly
+        first, kind = _unique_rows(per_id)
+        kinds = per_id[first].view(-1, *effect.shape[::2]).transpose(0, 1)  # (16, K, 4)
+        self.kind = kind.tolist()  # id -> kind
+        self.effect = [[(k[0], tuple(k[1:])) for k in row] for row in kinds.tolist()]  # [flags][kind]
+        self.limits = (v.max_text_tokens, v.image_tokens, v.max_text_tokens)
+        reps = torch.tensor([[0, 1, limit] for limit in self.limits])  # a count of each bucket
+        grid = torch.meshgrid(torch.arange(16), reps[0], reps[1], reps[2], indexing="ij")  # (16, 3, 3, 3) each
+        flags = {name: (grid[0] >> i) & 1 == 1 for i, name in enumerate(FLAGS)}
+        self.table = grammar.state({**flags, **dict(zip(COUNTS, grid[1:], strict=True))}).tolist()
+
+    @staticmethod
+    def _pack_flags(c: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(c[name].long() << i for i, name in enumerate(FLAGS))
+
+    def rows(self, c: dict[str, torch.Tensor]) -> list[tuple[int, tuple[int, int, int]]]:
+        """`SegmentGrammar.counts` of one position (B,) each -> one row per sequence."""
+        counts = torch.stack([c[name] for name in COUNTS], -1).tolist()
+        return [(f, tuple(n)) for f, n in zip(self._pack_flags(c).tolist(), counts, strict=True)]
+
+    def advance(self, rows: list, tokens: list[int]) -> list:
+        """Each row one id later. Rows in a batch mostly move alike (every row of an image gains one
+        code per step), so each distinct (row, kind of id) is worked out once."""
+        moves, kind = {}, self.kind
+        out = []
+        for row, token in zip(rows, tokens, strict=True):
+            key = (row, kind[token])
+            if key not in moves:
+                after, inc = self.effect[row[0]][key[1]]
+                moves[key] = (after, tuple(n + i for n, i in zip(row[1], inc)))
+            out.append(moves[key])
+        return out
+
+    def states(self, rows: list) -> list[int]:
+        known = {}
+        for row in rows:
+            if row not in known:
+                flags, counts = row
+                b = [(n >= 1) + (n >= limit) for n, limit in zip(counts, self.limits)]  # 0, between, at the limit
+                known[row] = self.table[flags][b[0]][b[1]][b[2]]
+        return [known[row] for row in rows]
+
+
 class GrammarLogitsProcessor(LogitsProcessor):
     """Sets the logits of ids the grammar forbids to -inf, before temperature/top-k/top-p.
 
@@ -131,27 +223,32 @@ class GrammarLogitsProcessor(LogitsProcessor):
     forbidden ids, and every sampled sequence is well formed: exactly N codes, then <eoi> <eos>.
 
     Decoding calls it once per step with the prefix grown by one id: it then advances the last
-    step's counts by that id (`SegmentGrammar.advance`) instead of recounting the whole prefix.
+    step's counts by that id (`GrammarSteps`) instead of recounting the whole prefix.
     """
 
     def __init__(self, grammar: SegmentGrammar):
         self.grammar = grammar
-        self._last = None  # (prefix it was computed for, its last-position counts)
+        self.steps = GrammarSteps(grammar)
+        self._last = None  # (prefix it was computed for, its rows)
         self._bias = None  # (S, V) additive mask: 0 where allowed, -inf where forbidden
 
-    def last_counts(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    def last_rows(self, input_ids: torch.Tensor) -> list:
         if self._last is not None:
-            prefix, counts = self._last
+            prefix, rows = self._last
             if input_ids.shape == (prefix.shape[0], prefix.shape[1] + 1) and torch.equal(input_ids[:, :-1], prefix):
-                return self.grammar.advance(counts, input_ids[:, -1])
-        return {name: c[:, -1] for name, c in self.grammar.counts(input_ids).items()}
+                return self.steps.advance(rows, input_ids[:, -1].tolist())
+        return self.steps.rows({name: c[:, -1] for name, c in self.grammar.counts(input_ids).items()})
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        counts = self.last_counts(input_ids)
-        self._last = (input_ids, counts)
-        if self._bias is None or self._bias.shape[-1] != scores.shape[-1] or self._bias.device != scores.device:
+        like = (scores.shape[-1], scores.device, scores.dtype)
+        if self._bias is None or (self._bias.shape[-1], self._bias.device, self._bias.dtype) != like:
             table = self.grammar.table.to(scores.device)
             bias = torch.full((table.shape[0], scores.shape[-1]), float("-inf"), device=scores.device)
             bias[:, : table.shape[-1]] = torch.where(table, 0.0, float("-inf"))  # ids past V stay forbidden
-            self._bias = bias
-        return scores + self._bias[self.grammar.state(counts)].to(scores.dtype)
+            self._bias = bias.to(scores.dtype)
+        rows = self.last_rows(input_ids)
+        self._last = (input_ids, rows)
+        states = self.steps.states(rows)
+        if len(set(states)) == 1:  # every row in one state (always, drawing images): one row of the table
+            return scores + self._bias[states[0]]
+        return scores + self._bias[torch.tensor(states, device=scores.device)]
