@@ -16,6 +16,7 @@ from unimodal.sampling import (
     COMPILED_LIVE_SDPA,
     LIVE_SDPA,
     GuardSkip,
+    NextToken,
     SamplingParams,
     attention_implementation,
     decode_sdpa_mask,
@@ -233,6 +234,27 @@ def test_draw_follows_the_softmax_and_never_picks_a_forbidden_id():
     only_last[:, 4] = 0.0  # all mass on the last id: nothing lies past it to land on
     assert (draw(only_last) == 4).all()
     assert (draw(torch.tensor([[float("-inf"), 5.0, float("-inf")]] * 1000)) == 1).all()
+
+
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_sampling_draws_over_the_grammars_range_with_the_full_vocabularys_distribution(top_k):
+    """Inside an image every row may only take a code: NextToken warps and draws over the code range alone.
+    The draws must follow softmax over the allowed ids (top-k of them) as over the whole vocabulary."""
+    v = JointVocab(text_size=6, image_size=4, image_grid=(1, 3), max_text_tokens=3)
+    prefix = torch.tensor([[v.bos, 1, v.boi]] * 20_000)
+    scores = torch.randn(1, v.size).repeat(prefix.shape[0], 1)
+    processor = NextToken(SegmentGrammar(v), SamplingParams(top_k=top_k))
+    torch.manual_seed(0)
+    ids = processor(prefix, scores.clone()).argmax(-1)
+    assert processor.grammar.support == (v.image_offset, v.special_offset)
+    allowed = torch.full_like(scores[0], float("-inf"))
+    allowed[v.image_offset : v.special_offset] = scores[0, v.image_offset : v.special_offset]
+    if top_k is not None:
+        allowed[allowed < allowed.topk(top_k).values[-1]] = float("-inf")
+    freq = torch.bincount(ids, minlength=v.size).double() / ids.numel()
+    assert torch.allclose(freq, allowed.softmax(-1).double(), atol=0.01)
+    processor(torch.tensor([[v.bos, 1]] * 2), scores[:2].clone())  # text or <boi>: not one range
+    assert processor.grammar.support is None
 
 
 def test_live_attention_reads_only_the_filled_part_of_a_static_cache(model):

@@ -142,6 +142,12 @@ def _unique_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return one_of_each(group), group
 
 
+def _one_range(allowed: torch.Tensor) -> tuple[int, int] | None:
+    """A bool row (V,) -> (lo, hi) if its True entries are exactly ids lo..hi-1, else None."""
+    ids = allowed.nonzero().flatten().tolist()
+    return (ids[0], ids[-1] + 1) if ids and ids[-1] - ids[0] + 1 == len(ids) else None
+
+
 class GrammarSteps:
     """`SegmentGrammar.advance` and `SegmentGrammar.state` for one decoding step, as lookups in small
     tables of Python ints.
@@ -231,6 +237,9 @@ class GrammarLogitsProcessor(LogitsProcessor):
         self.steps = GrammarSteps(grammar)
         self._last = None  # (prefix it was computed for, its rows)
         self._bias = None  # (S, V) additive mask: 0 where allowed, -inf where forbidden
+        # per state, the ids it allows as one range [lo, hi), or None where they are not one range
+        self._ranges = [_one_range(row) for row in grammar.table]
+        self.support = None  # after a call: [lo, hi) holding every id any row may take next, or None
 
     def last_rows(self, input_ids: torch.Tensor) -> list:
         if self._last is not None:
@@ -250,5 +259,7 @@ class GrammarLogitsProcessor(LogitsProcessor):
         self._last = (input_ids, rows)
         states = self.steps.states(rows)
         if len(set(states)) == 1:  # every row in one state (always, drawing images): one row of the table
+            self.support = self._ranges[states[0]]
             return scores + self._bias[states[0]]
+        self.support = None
         return scores + self._bias[torch.tensor(states, device=scores.device)]
