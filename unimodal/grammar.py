@@ -24,6 +24,8 @@ grammar masking of the training loss, and it labels each target token with its s
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformers import LogitsProcessor
 
@@ -42,6 +44,7 @@ class SegmentGrammar:
         if require_caption and not vocab.image_to_text:
             raise ValueError("require_caption needs a vocabulary with image_to_text (train with data.i2t_fraction > 0)")
         self.vocab = vocab
+        self.require_caption = require_caption
         v = vocab
         table = torch.zeros(len(STATE_NAMES), v.size, dtype=torch.bool)  # (S, V): allowed next ids per state
         table[TEXT, : v.text_size] = True
@@ -57,6 +60,11 @@ class SegmentGrammar:
         table[CAPTION, v.eos] = True
         table[CAPTION_FULL, v.eos] = True
         self.table = table
+
+    @property
+    def steps(self) -> GrammarSteps:
+        """This grammar's one-step tables for decoding (built once per vocabulary and setting, ~2 ms)."""
+        return _grammar_steps(self.vocab, self.require_caption)
 
     def counts(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """What the state after each prefix depends on: ids (B, T) -> {name: (B, T)} running counts."""
@@ -189,6 +197,8 @@ class GrammarSteps:
         grid = torch.meshgrid(torch.arange(16), reps[0], reps[1], reps[2], indexing="ij")  # (16, 3, 3, 3) each
         flags = {name: (grid[0] >> i) & 1 == 1 for i, name in enumerate(FLAGS)}
         self.table = grammar.state({**flags, **dict(zip(COUNTS, grid[1:], strict=True))}).tolist()
+        # per state, the ids it allows as one range [lo, hi), or None where they are not one range
+        self.ranges = [_one_range(row) for row in grammar.table]
 
     @staticmethod
     def _pack_flags(c: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -222,6 +232,11 @@ class GrammarSteps:
         return [known[row] for row in rows]
 
 
+@functools.lru_cache(maxsize=8)
+def _grammar_steps(vocab: JointVocab, require_caption: bool) -> GrammarSteps:
+    return GrammarSteps(SegmentGrammar(vocab, require_caption))
+
+
 class GrammarLogitsProcessor(LogitsProcessor):
     """Sets the logits of ids the grammar forbids to -inf, before temperature/top-k/top-p.
 
@@ -234,11 +249,9 @@ class GrammarLogitsProcessor(LogitsProcessor):
 
     def __init__(self, grammar: SegmentGrammar):
         self.grammar = grammar
-        self.steps = GrammarSteps(grammar)
+        self.steps = grammar.steps
         self._last = None  # (prefix it was computed for, its rows)
         self._bias = None  # (S, V) additive mask: 0 where allowed, -inf where forbidden
-        # per state, the ids it allows as one range [lo, hi), or None where they are not one range
-        self._ranges = [_one_range(row) for row in grammar.table]
         self.support = None  # after a call: [lo, hi) holding every id any row may take next, or None
 
     def last_rows(self, input_ids: torch.Tensor) -> list:
@@ -259,7 +272,7 @@ class GrammarLogitsProcessor(LogitsProcessor):
         self._last = (input_ids, rows)
         states = self.steps.states(rows)
         if len(set(states)) == 1:  # every row in one state (always, drawing images): one row of the table
-            self.support = self._ranges[states[0]]
+            self.support = self.steps.ranges[states[0]]
             return scores + self._bias[states[0]]
         self.support = None
         return scores + self._bias[torch.tensor(states, device=scores.device)]
