@@ -250,17 +250,15 @@ def _filled_cache_attention(
 
 # Registered through `torch.library.Library` rather than the `custom_op` decorator: the decorator's
 # Python autograd and dispatch layers cost 7-13 us per call (4 calls per decoding step), the plain
-# registration ~2 us over the function itself (inference only: it has no backward).
-_OPS = torch.library.Library("unimodal", "DEF")
-_OPS.define("filled_cache_attention(Tensor query, Tensor key, Tensor value, Tensor mask, float? scale) -> Tensor")
-_OPS.impl("filled_cache_attention", _filled_cache_attention, "CompositeExplicitAutograd")
-
-
-@torch.library.register_fake("unimodal::filled_cache_attention", lib=_OPS)
-def _(query, key, value, mask, scale):
-    return query.new_empty(query.shape)  # contiguous, as the real output
-
-
+# registration ~2 us over the function itself. Inference only: it has no backward (decoding runs under
+# no_grad). A FRAGMENT, defined once, so that reloading this module (autoreload) does not fail.
+_OPS = torch.library.Library("unimodal", "FRAGMENT")
+if not hasattr(torch.ops.unimodal, "filled_cache_attention"):
+    _OPS.define("filled_cache_attention(Tensor query, Tensor key, Tensor value, Tensor mask, float? scale) -> Tensor")
+    _OPS.impl("filled_cache_attention", _filled_cache_attention, "CompositeExplicitAutograd")
+    torch.library.register_fake("unimodal::filled_cache_attention", lib=_OPS)(
+        lambda query, key, value, mask, scale: query.new_empty(query.shape)  # contiguous, as the real output
+    )
 filled_cache_attention = torch.ops.unimodal.filled_cache_attention
 
 
