@@ -283,6 +283,30 @@ def test_live_attention_reads_only_the_filled_part_of_a_static_cache(model):
     assert torch.equal(prefill, sdpa_mask(3, 7, 12, attention_mask=padding))
 
 
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_packed_attention_is_the_librarys_without_copying_keys_per_query_head(kv_heads, monkeypatch):
+    """One decoded token with 4 query heads: the query heads sharing a key/value head as its rows give
+    the library's SDPA attention (which, given a mask, repeats every key and value per query head),
+    with left padding in the mask; `repeat_kv` is never called for it."""
+    from transformers.integrations import sdpa_attention
+
+    class Module:  # what the library's attention reads from a layer
+        num_key_value_groups = 4 // kv_heads
+        is_causal = True
+        training = False
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 4, 1, 16), torch.randn(3, kv_heads, 9, 16), torch.randn(3, kv_heads, 9, 16)
+    mask = torch.ones(3, 1, 1, 9, dtype=torch.bool)
+    mask[:2, ..., :3] = False  # two rows left-padded
+    reference, _ = sdpa_attention.sdpa_attention_forward(Module(), q, k, v, mask, scaling=0.25)
+    if kv_heads < 4:
+        monkeypatch.setattr(sdpa_attention, "repeat_kv", lambda *a: pytest.fail("repeat_kv called"))
+    packed, _ = sampling.packed_sdpa_attention(Module(), q, k, v, mask, scaling=0.25)
+    assert packed.shape == reference.shape == (3, 1, 4, 16)
+    assert torch.allclose(packed, reference, atol=1e-6)
+
+
 def _same_mask(a, b):
     return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
 
