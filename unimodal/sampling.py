@@ -310,7 +310,8 @@ def attention_implementation(model, name: str):
 
 # On CPUs, a compiled decoding step's matrix products with at most this many rows (prompts x CFG) become
 # inductor's own fused reduction kernels (its `decompose_mm_pass`) instead of one BLAS call per product:
-# 29 single-threaded calls per step become a few multi-threaded kernels. Process pairs, 2-core CPU,
+# 29 single-threaded calls per step become a few fused kernels (as fast on one thread as on two at
+# batch 1: the calls were the cost, not the arithmetic). Process pairs, 2-core CPU,
 # default model, ms per step plain -> decomposed: batch 1 0.635/0.561 -> 0.501/0.480, 2 0.78/0.75 ->
 # 0.62/0.61, 4 1.00/0.86 -> 0.65/0.65, 8 1.35/1.15 -> 0.90/0.90, 16 1.34/1.45 -> 1.27/1.15, 32 2.25/2.25
 # -> 2.12/1.98; batch 64 either way (3.27/3.67/4.13 vs 3.63/3.75/3.72), so it keeps the BLAS.
