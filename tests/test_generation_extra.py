@@ -302,9 +302,10 @@ def test_packed_attention_is_the_librarys_without_copying_keys_per_query_head(kv
     reference, _ = sdpa_attention.sdpa_attention_forward(Module(), q, k, v, mask, scaling=0.25)
     if kv_heads < 4:
         monkeypatch.setattr(sdpa_attention, "repeat_kv", lambda *a: pytest.fail("repeat_kv called"))
-    packed, _ = sampling.packed_sdpa_attention(Module(), q, k, v, mask, scaling=0.25)
-    assert packed.shape == reference.shape == (3, 1, 4, 16)
-    assert torch.allclose(packed, reference, atol=1e-6)
+    for attention in (sampling.packed_sdpa_attention, sampling.compiled_packed_attention):  # SDPA / written out
+        packed, _ = attention(Module(), q, k, v, mask, scaling=0.25)
+        assert packed.shape == reference.shape == (3, 1, 4, 16)
+        assert torch.allclose(packed, reference, atol=1e-6), attention.__name__
 
 
 def _same_mask(a, b):
