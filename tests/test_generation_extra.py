@@ -468,19 +468,22 @@ def test_compiled_sampling_skips_guards_within_one_call_only(model, monkeypatch,
     torch._dynamo.reset()
 
 
-def test_inductor_compiled_decoding_with_the_filled_cache_operator_gives_the_dynamic_cache_logits():
-    """The production path: inductor (C++ wrapper on the CPU) around `filled_cache_attention`, 8 rows
-    with left padding and one key/value head, gives the dynamic cache's logits, and sampling's codes."""
+@pytest.mark.parametrize("copies", [2, 5], ids=["8-rows-in-graph", "20-rows-operator"])
+def test_inductor_compiled_decoding_gives_the_dynamic_cache_logits(copies):
+    """The production path: inductor (C++ wrapper on the CPU, decomposed small products) with the
+    attention written out in the graph (8 rows) or `filled_cache_attention` (20 rows), left padding and
+    one key/value head, gives the dynamic cache's logits, and sampling's codes."""
     torch.manual_seed(0)
     tiny = build_transformer(TransformerConfig(n_layers=1, d_model=32, n_heads=2, ffn_hidden=64), VOCAB).eval()
-    rows = _prompts() * 2
-    assert len(rows) >= sampling.COMPILED_LIVE_MIN_ROWS
+    rows = _prompts() * copies
+    operator = len(rows) >= sampling.COMPILED_LIVE_MIN_ROWS
+    assert operator == (copies == 5)
     ids, mask = left_pad(rows, VOCAB.pad)
     common = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, output_logits=True,
                   return_dict_in_generate=True, pad_token_id=VOCAB.pad, eos_token_id=None)  # fmt: skip
     torch._dynamo.reset()
     dynamic = torch.stack(tiny.generate(cache_implementation="dynamic", **common).logits)
-    with attention_implementation(tiny, COMPILED_LIVE_SDPA):
+    with attention_implementation(tiny, COMPILED_LIVE_SDPA if operator else sampling.COMPILED_SDPA):
         out = tiny.generate(cache_implementation="static", compile_config=sampling.compile_config(ids.device), **common)
     torch.testing.assert_close(torch.stack(out.logits), dynamic, atol=1e-5, rtol=1e-5)
     eager = generate_codes(tiny, VOCAB, rows, SamplingParams(greedy=True, cache="static"))

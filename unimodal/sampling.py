@@ -40,10 +40,11 @@ CACHES = ("dynamic", "static")
 SKIP_GUARDS = True  # check dynamo's guards at the first compiled step of a call only (`GuardSkip`)
 # From this many rows (prompts, doubled by CFG) a compiled forward on the CPU attends through
 # `filled_cache_attention`; below, a call out of the graph costs more than the unfilled cache it skips
-# (2-core CPU, default model, 256-token images, ms/step in-graph vs the operator: batch 1 0.60 vs 0.71,
-# batch 16 1.92 vs 1.90, batch 64 4.98 vs 4.34; session 18, packed query heads in both).
+# (2-core CPU, default model, 256-token images, ms/step with the attention written out in the graph
+# (`compiled_packed_attention`) vs the operator, one process each: batch 8 0.890 vs 1.006, 16 1.467 vs
+# 1.540, 24 1.808 vs 1.709, 32 2.437 vs 2.246; batch 64 4.98 vs 4.34 with SDPA in the graph).
 # Not used on GPUs (unmeasured there; finding the filled length syncs the device every layer).
-COMPILED_LIVE_MIN_ROWS = 8
+COMPILED_LIVE_MIN_ROWS = 17
 
 
 @dataclass

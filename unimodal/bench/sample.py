@@ -4,7 +4,7 @@ For each cache mode - (a) `none`: full recomputation every step, (b) `dynamic`: 
 growing KV cache, (c) `static`: the library's preallocated cache, attended over its filled part
 only (`sampling.live_sdpa_attention`) (+ `static+compile`: torch.compile of the forward, where the
 device supports it; fixed shapes, with attention over the filled part as one operator the graph calls,
-`sampling.filled_cache_attention`, from 8 rows on) - and each batch size, it times `generate_codes`
+`sampling.filled_cache_attention`, from 17 rows on) - and each batch size, it times `generate_codes`
 (the same path `unimodal sample` uses, grammar processor included) and reports images/s, new
 tokens/s, and MFU against this machine's matmul peak measured in the same run.
 
