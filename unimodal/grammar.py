@@ -145,9 +145,11 @@ def _unique_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     projection = torch.rand(rows.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     _, group = torch.unique(rows.double() @ projection, return_inverse=True)
-    if not torch.equal(rows[one_of_each(group)][group], rows):  # two different rows shared a projection
+    first = one_of_each(group)
+    if not torch.equal(rows[first][group], rows):  # two different rows shared a projection
         _, group = torch.unique(rows, dim=0, return_inverse=True)
-    return one_of_each(group), group
+        first = one_of_each(group)
+    return first, group
 
 
 def _one_range(allowed: torch.Tensor) -> tuple[int, int] | None:

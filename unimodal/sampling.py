@@ -196,19 +196,26 @@ def decode_sdpa_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0,
     return sdpa_mask(batch_size, q_length, kv_length, q_offset=q_offset, kv_offset=kv_offset, **kwargs)
 
 
+def _decode_packed(query: torch.Tensor, kv_heads: int, attend) -> torch.Tensor:
+    """One decoded token's attention with the query heads that share a key/value head as that head's
+    query rows (flash-attention's `pack_gqa`, a view): query (B, H, 1, D) -> `attend` on (B, KV, H/KV, D)
+    -> the library's attention layout (B, 1, H, D)."""
+    b, heads, _, dim = query.shape
+    out = attend(query.reshape(b, kv_heads, heads // kv_heads, dim))
+    return out.reshape(b, heads, 1, dim).transpose(1, 2).contiguous()
+
+
 def packed_sdpa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The library's SDPA attention, except one decoded token with fewer key/value heads than query heads:
-    the query heads sharing a key/value head become that head's query rows (flash-attention's
-    `pack_gqa`), a view. Given a mask, the library instead copies every cached key and value once per
-    query head (`repeat_kv`): 4x the cache written and read again per layer and step with one key/value
-    head of four. Same result up to float rounding (SDPA over the same keys, rows regrouped)."""
-    b, heads, q_len, dim = query.shape
-    groups = heads // key.shape[1]
-    if q_len == 1 and groups > 1 and dropout == 0.0:
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query.reshape(b, key.shape[1], groups, dim), key, value, attn_mask=attention_mask, scale=scaling
-        )  # the mask (B or 1, 1, 1, L) broadcasts over each key/value head's rows
-        return out.reshape(b, heads, 1, dim).transpose(1, 2).contiguous(), None
+    packed query heads (`_decode_packed`). Given a mask, the library instead copies every cached key and
+    value once per query head (`repeat_kv`): 4x the cache written and read again per layer and step with
+    one key/value head of four. Same result up to float rounding (SDPA over the same keys, rows regrouped)."""
+    if query.shape[2] == 1 and query.shape[1] > key.shape[1] and dropout == 0.0:
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        out = _decode_packed(  # the mask (B or 1, 1, 1, L) broadcasts over each key/value head's rows
+            query, key.shape[1], lambda q: sdpa(q, key, value, attn_mask=attention_mask, scale=scaling)
+        )
+        return out, None
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
@@ -295,13 +302,14 @@ def compiled_packed_attention(module, query, key, value, attention_mask, scaling
     kernels. SDPA's CPU kernel is one call per layer whose fixed costs dominate at a few rows: batch 1
     0.563 / 0.537 / 0.600 -> 0.487 / 0.499 / 0.560 ms per step (process pairs, same codes); batch 4 a
     wash. A decoding row always attends to its own position, so no row's softmax is all -inf."""
-    b, heads, q_len, dim = query.shape
-    if q_len == 1 and dropout == 0.0 and attention_mask is not None and attention_mask.dtype == torch.bool:
-        q = query.reshape(b, key.shape[1], heads // key.shape[1], dim)  # (B, KV, groups, D)
-        scores = torch.matmul(q, key.transpose(-1, -2)) * (scaling if scaling is not None else dim**-0.5)
-        weights = scores.masked_fill(~attention_mask, float("-inf")).softmax(-1)  # mask (B, 1, 1, L)
-        out = torch.matmul(weights, value)
-        return out.reshape(b, heads, 1, dim).transpose(1, 2).contiguous(), None
+    if query.shape[2] == 1 and dropout == 0.0 and attention_mask is not None and attention_mask.dtype == torch.bool:
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+
+        def attend(q):  # (B, KV, groups, D); mask (B, 1, 1, L)
+            scores = torch.matmul(q, key.transpose(-1, -2)) * scale
+            return torch.matmul(scores.masked_fill(~attention_mask, float("-inf")).softmax(-1), value)
+
+        return _decode_packed(query, key.shape[1], attend), None
     return packed_sdpa_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
