@@ -257,30 +257,62 @@ def test_sampling_draws_over_the_grammars_range_with_the_full_vocabularys_distri
     assert processor.grammar.support is None
 
 
-def test_live_attention_reads_only_the_filled_part_of_a_static_cache(model):
+def test_guided_sampling_over_the_grammars_range_follows_the_guided_log_probabilities():
+    """With guidance inside an image, NextToken mixes the two rows' logits over the code range alone:
+    the draws must follow softmax over the allowed ids of u + s * (c - u) with c and u the two rows'
+    log-probabilities over the whole vocabulary (the library's guidance formula), and a row and its
+    unconditional twin append the same id."""
+    v = JointVocab(text_size=6, image_size=4, image_grid=(1, 3), max_text_tokens=3)
+    n, scale = 20_000, 2.5
+    prefix = torch.tensor([[v.bos, 1, v.boi]] * n + [[v.pad, v.bos, v.boi]] * n)
+    torch.manual_seed(1)
+    cond, uncond = torch.randn(v.size) * 2, torch.randn(v.size) * 2
+    scores = torch.cat([cond.repeat(n, 1), uncond.repeat(n, 1)])
+    processor = NextToken(SegmentGrammar(v), SamplingParams(cfg_scale=scale))
+    torch.manual_seed(0)
+    ids = processor(prefix, scores.clone()).argmax(-1)
+    assert processor.grammar.support == (v.image_offset, v.special_offset)
+    assert torch.equal(ids[:n], ids[n:])
+    c, u = cond.log_softmax(-1), uncond.log_softmax(-1)
+    guided = torch.full_like(c, float("-inf"))
+    codes = slice(v.image_offset, v.special_offset)
+    guided[codes] = (u + scale * (c - u))[codes]
+    freq = torch.bincount(ids[:n], minlength=v.size).double() / n
+    assert torch.allclose(freq, guided.softmax(-1).double(), atol=0.01)
+
+
+@pytest.mark.parametrize("padded", [True, False])
+def test_live_attention_reads_only_the_filled_part_of_a_static_cache(model, padded, monkeypatch):
     """Decoding the 8th token into a 12-slot static cache: the live mask spans the 7 filled keys,
-    the tail is never read (NaN there changes nothing), and the result is SDPA's over those keys."""
+    the tail is never read (NaN there changes nothing), and the result is SDPA's over those keys;
+    SDPA gets the mask with padding and none without (every filled key allowed)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import sdpa_mask
 
     module = model.model.layers[0].self_attn
     torch.manual_seed(0)
-    q = torch.randn(3, 2, 1, 16)
-    k, v = torch.randn(3, 2, 12, 16), torch.randn(3, 2, 12, 16)
+    q = torch.randn(3, 2, 1, 16)  # the model's 2 query heads and 1 key/value head
+    k, v = torch.randn(3, 1, 12, 16), torch.randn(3, 1, 12, 16)
     padding = torch.ones(3, 7, dtype=torch.bool)
-    padding[:2, :2] = False  # rows 0-1 left-padded by 2
+    if padded:
+        padding[:2, :2] = False  # rows 0-1 left-padded by 2
+    masks = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    spy = lambda *a, **kw: masks.append(kw.get("attn_mask")) or sdpa(*a, **kw)  # noqa: E731
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     k[:, :, 7:], v[:, :, 7:] = float("nan"), float("nan")
-    mask = live_sdpa_mask(3, 1, 12, q_offset=6, attention_mask=padding)
+    mask = live_sdpa_mask(3, 1, 12, q_offset=6, attention_mask=padding, allow_is_causal_skip=False)  # a static cache's
     assert mask.shape == (3, 1, 1, 7)
     live, _ = live_sdpa_attention(module, q, k, v, mask, scaling=0.25)
+    assert (masks[0] is None) == (not padded)
     reference, _ = sdpa_attention_forward(module, q, k[:, :, :7], v[:, :, :7], mask, scaling=0.25)
     assert torch.isfinite(live).all() and torch.allclose(live, reference)
-    assert mask[:2, ..., :2].logical_not().all() and mask[..., 2:].all()  # padding and causality kept
+    assert mask[:2, ..., :2].logical_not().all() == padded and mask[..., 2:].all()  # padding and causality kept
     full = sdpa_mask(3, 1, 12, q_offset=6, attention_mask=padding)  # the library's: every slot
     plain, _ = sdpa_attention_forward(module, q, k, v, full, scaling=0.25)
     assert not torch.isfinite(plain).all()  # plain SDPA reads the tail: the NaN shows
-    prefill = live_sdpa_mask(3, 7, 12, attention_mask=padding)  # a whole prompt: the library's mask
-    assert torch.equal(prefill, sdpa_mask(3, 7, 12, attention_mask=padding))
+    prompt = {"attention_mask": padding, "allow_is_causal_skip": False}  # a whole prompt: the library's mask
+    assert torch.equal(live_sdpa_mask(3, 7, 12, **prompt), sdpa_mask(3, 7, 12, **prompt))
 
 
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
@@ -349,18 +381,20 @@ def test_decoding_builds_its_masks_on_the_fast_path(model, monkeypatch):
         assert library_q_lengths and all(q > 1 for q in library_q_lengths)  # prompts only, no decoding step
 
 
+@pytest.mark.parametrize("padded", [True, False])
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
-def test_filled_cache_attention_reads_only_the_filled_keys_and_matches_repeated_kv_sdpa(kv_heads):
+def test_filled_cache_attention_reads_only_the_filled_keys_and_matches_repeated_kv_sdpa(kv_heads, padded):
     """The compiled graph's operator: given the library's whole-cache mask while decoding the 8th token
     of 12 slots, it reads keys 0..6 only (NaN beyond changes nothing) and equals SDPA with every
-    key/value head repeated for its query heads, left padding included."""
+    key/value head repeated for its query heads, with left padding or without."""
     from transformers.masking_utils import sdpa_mask
 
     torch.manual_seed(0)
     q = torch.randn(3, 4, 1, 16)
     k, v = torch.randn(3, kv_heads, 12, 16), torch.randn(3, kv_heads, 12, 16)
     padding = torch.ones(3, 7, dtype=torch.bool)
-    padding[:2, :2] = False  # rows 0-1 left-padded by 2
+    if padded:
+        padding[:2, :2] = False  # rows 0-1 left-padded by 2
     full = sdpa_mask(3, 1, 12, q_offset=6, attention_mask=padding)  # (3, 1, 1, 12): the library's, every slot
     reference = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(4 // kv_heads, 1), v.repeat_interleave(4 // kv_heads, 1), attn_mask=full, scale=0.25
@@ -371,6 +405,30 @@ def test_filled_cache_attention_reads_only_the_filled_keys_and_matches_repeated_
     torch.testing.assert_close(out, reference)
     k[:, :, 6] = float("nan")  # the key being decoded must be read
     assert not torch.isfinite(filled_cache_attention(q, k, v, full, 0.25)).all()
+
+
+def test_decoding_mask_is_read_once_per_mask_and_again_when_it_changes():
+    """Every layer of a step gets one mask object: `decoding_mask` reads it once, and reads it again
+    for a new mask or one changed in place (a stale answer would attend to padding or cut keys)."""
+    from unimodal.sampling import decoding_mask
+
+    mask = torch.zeros(2, 1, 1, 10, dtype=torch.bool)
+    mask[..., :6] = True
+    assert decoding_mask(mask) == (6, True) and decoding_mask(mask) == (6, True)
+    mask[1, ..., :2] = False  # row 1 padded, in place: same object, new version
+    assert decoding_mask(mask) == (6, False)
+    mask[..., 6] = True  # one more filled key
+    assert decoding_mask(mask) == (7, False)
+    other = torch.ones(2, 1, 1, 10, dtype=torch.bool)
+    assert decoding_mask(other) == (10, True)
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 1, 8), torch.randn(2, 1, 10, 8), torch.randn(2, 1, 10, 8)
+    mask = torch.ones(2, 1, 1, 10, dtype=torch.bool)
+    filled_cache_attention(q, k, v, mask, None)  # read: dense
+    mask[0, ..., :3] = False  # then padded in place: the operator must see it
+    k4, v4 = k.expand(-1, 4, -1, -1), v.expand(-1, 4, -1, -1)  # the key/value head for each query head
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k4, v4, attn_mask=mask)
+    torch.testing.assert_close(filled_cache_attention(q, k, v, mask, None), reference)
 
 
 def test_static_cache_with_live_attention_gives_the_dynamic_cache_logits(model):

@@ -274,18 +274,26 @@ class GrammarLogitsProcessor(LogitsProcessor):
                 return self.steps.advance(rows, input_ids[:, -1].tolist())
         return self.steps.rows({name: c[:, -1] for name, c in self.grammar.counts(input_ids).items()})
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def step(self, input_ids: torch.LongTensor) -> list[int]:
+        """Move to this prefix: each row's grammar state. Sets `support`: the range [lo, hi) of ids every
+        row may take next when all rows are in one state that allows one range (an image's codes), else None."""
+        rows = self.last_rows(input_ids)
+        self._last = (input_ids, rows)
+        states = self.steps.states(rows)
+        self.support = self.steps.ranges[states[0]] if states.count(states[0]) == len(states) else None
+        return states
+
+    def mask(self, states: list[int], scores: torch.FloatTensor) -> torch.FloatTensor:
+        """Scores with the ids each row's state forbids at -inf (a new tensor)."""
         like = (scores.shape[-1], scores.device, scores.dtype)
         if self._bias is None or (self._bias.shape[-1], self._bias.device, self._bias.dtype) != like:
             table = self.grammar.table.to(scores.device)
             bias = torch.full((table.shape[0], scores.shape[-1]), float("-inf"), device=scores.device)
             bias[:, : table.shape[-1]] = torch.where(table, 0.0, float("-inf"))  # ids past V stay forbidden
             self._bias = bias.to(scores.dtype)
-        rows = self.last_rows(input_ids)
-        self._last = (input_ids, rows)
-        states = self.steps.states(rows)
-        if len(set(states)) == 1:  # every row in one state (always, drawing images): one row of the table
-            self.support = self.steps.ranges[states[0]]
+        if states.count(states[0]) == len(states):  # every row in one state (always, drawing images): one row
             return scores + self._bias[states[0]]
-        self.support = None
         return scores + self._bias[torch.tensor(states, device=scores.device)]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return self.mask(self.step(input_ids), scores)

@@ -15,6 +15,7 @@ both rows.
 from __future__ import annotations
 
 import math
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -114,18 +115,30 @@ class NextToken(LogitsProcessor):
             self.on_step()
         guided = self.scale != 1.0
         b = input_ids.shape[0] // 2 if guided else input_ids.shape[0]
+        states = self.grammar.step(input_ids[:b])
+        if self.warpers is not None and self.grammar.support is not None:
+            # every row's allowed ids lie in one range (an image's codes): guide, warp and draw over it
+            # alone, the same distribution (the ids outside have probability 0) for a third of the work.
+            # Guidance mixes the logits there: log-probabilities differ from them by one constant per
+            # row (the log of the softmax's sum), and no warper or draw changes with such a constant.
+            lo, hi = self.grammar.support
+            part = scores[:, lo:hi]
+            if guided:
+                part = part[b:] + self.scale * (part[:b] - part[b:])
+            part = part.contiguous()  # softmax over a strided view costs twice as much
+            for warper in self.warpers:
+                part = warper(input_ids[:b], part)
+            token = draw(part) + lo
+            return one_hot_scores(scores, token.repeat(2, 1) if guided else token)
         if guided:
             cond, uncond = scores[:b].log_softmax(-1), scores[b:].log_softmax(-1)  # (B, V) each
             scores = uncond + self.scale * (cond - uncond)
-        scores = self.grammar(input_ids[:b], scores)
+        scores = self.grammar.mask(states, scores)
         if self.warpers is not None:
-            # every row's allowed ids lie in one range (an image's codes): warp and draw over it alone,
-            # the same distribution (the ids outside have probability 0) for a third of the work
-            lo, hi = self.grammar.support or (0, scores.shape[-1])
-            part = scores[:, lo:hi].contiguous()  # softmax over a strided view costs twice as much
+            part = scores
             for warper in self.warpers:
                 part = warper(input_ids[:b], part)
-            scores = one_hot_scores(scores, draw(part) + lo)
+            scores = one_hot_scores(scores, draw(part))
         return torch.cat([scores, scores]) if guided else scores
 
 
@@ -144,8 +157,8 @@ def draw(scores: torch.Tensor) -> torch.Tensor:
 
 
 def one_hot_scores(scores: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
-    """Scores that make greedy decoding pick `token` (B, 1): 0 there, -inf elsewhere."""
-    return torch.full_like(scores, float("-inf")).scatter(1, token, 0.0)
+    """Scores that make greedy decoding pick `token` (B, 1): 0 there, -inf elsewhere (a new tensor)."""
+    return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
 
 
 def warpers(params: SamplingParams) -> LogitsProcessorList | None:
@@ -236,10 +249,14 @@ def live_sdpa_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, k
 
 def live_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
     """The library's SDPA attention over the keys the mask covers: a `live_sdpa_mask` mask shorter
-    than the static cache drops its unfilled tail (the library's own masks always span every key)."""
+    than the static cache drops its unfilled tail (the library's own masks always span every key).
+    Decoding a batch without padding, the mask allows every key it covers and is dropped (`decoding_mask`)."""
     if attention_mask is not None and attention_mask.shape[-1] < key.shape[-2]:
         live = attention_mask.shape[-1]
         key, value = key[:, :, :live], value[:, :, :live]
+    if query.shape[2] == 1 and attention_mask is not None and attention_mask.dtype == torch.bool:
+        if decoding_mask(attention_mask) == (key.shape[-2], True):
+            attention_mask = None
     return packed_sdpa_attention(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -259,18 +276,41 @@ def _filled_cache_attention(
     as its rows (the library's `pack_gqa`, never `repeat_kv`). Opaque to the compiler: the length it
     reads changes every step, and the graph around it keeps its one shape.
     """
-    row = mask[0, 0, 0]
-    live = row.shape[0] - int(row.flip(0).to(torch.uint8).argmax())  # last attended key + 1
+    live, dense = decoding_mask(mask)
     b, heads, _, dim = query.shape
     groups = heads // key.shape[1]
     out = torch.nn.functional.scaled_dot_product_attention(
         query.reshape(b, key.shape[1], groups, dim),
         key[:, :, :live],
         value[:, :, :live],
-        attn_mask=mask[..., :live],
+        attn_mask=None if dense else mask[..., :live],
         scale=scale,
     )
     return out.reshape(b, heads, 1, dim)
+
+
+_LAST_MASK = (None, 0, (0, False))  # (weak reference to a mask, its version, what `decoding_mask` found)
+
+
+def decoding_mask(mask: torch.Tensor) -> tuple[int, bool]:
+    """What a decoding step's bool mask (B or 1, 1, 1, L) says: (live, dense) - keys from `live` on are
+    masked for row 0 (the unfilled part of a static cache: every row decodes the same position), and
+    `dense` if every row may attend to every key before it (no padding), so SDPA needs no mask.
+
+    Every layer of a step gets the same mask object, so it is read at the first layer only (its five
+    small operations were repeated per layer); a new mask, or this one changed in place since (its
+    version counter moved), is read again. Without a mask SDPA adds nothing to the scores: 116 vs 131 us
+    per call at batch 64 over 142 keys (timed alone).
+    """
+    global _LAST_MASK
+    ref, version, facts = _LAST_MASK
+    if ref is not None and ref() is mask and mask._version == version:
+        return facts
+    row = mask[0, 0, 0]
+    live = row.shape[0] - int(row.view(torch.uint8).flip(0).argmax())  # last attended key + 1
+    facts = (live, bool(mask[..., :live].all()))
+    _LAST_MASK = (weakref.ref(mask), mask._version, facts)
+    return facts
 
 
 # Registered through `torch.library.Library` rather than the `custom_op` decorator: the decorator's
