@@ -1,7 +1,10 @@
 """The benchmarks run end to end on tiny models and report consistent tables (not their speed)."""
 
+import ctypes
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -134,3 +137,39 @@ def test_bench_refuses_a_model_size_the_config_refuses_in_one_line(target, capsy
         bench_main(args)
     assert exit_info.value.code == 2
     assert "n_kv_heads (3) must be positive and divide n_heads (4)" in capsys.readouterr().err
+
+
+_MALLOC_PROBE = """
+import ctypes, sys
+from unimodal.host import keep_freed_memory
+class Info(ctypes.Structure):
+    names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+    _fields_ = [(n, ctypes.c_size_t) for n in names.split()]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype, libc.malloc.restype = Info, ctypes.c_void_p
+kept = keep_freed_memory() if sys.argv[1] == "keep" else None
+before = libc.mallinfo2().hblkhd
+block = libc.malloc(3 << 20)
+print(kept, libc.mallinfo2().hblkhd - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_keep_freed_memory_serves_a_few_megabytes_from_the_heap_not_fresh_pages():
+    """By default glibc maps a 3 MB block as fresh pages from the OS (page faults when first written);
+    after `keep_freed_memory` it comes from the heap. Fresh processes: this one's thresholds have moved."""
+    try:
+        has_mallinfo2 = hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2")  # glibc >= 2.33
+    except OSError:
+        has_mallinfo2 = False
+    if not has_mallinfo2:
+        pytest.skip("not glibc >= 2.33")
+
+    def probe(mode):
+        out = subprocess.run([sys.executable, "-c", _MALLOC_PROBE, mode], capture_output=True, text=True, check=True)
+        kept, mapped = out.stdout.split()
+        return kept, int(mapped)
+
+    kept, mapped = probe("default")
+    assert kept == "None" and mapped >= 3 << 20
+    assert probe("keep") == ("True", 0)

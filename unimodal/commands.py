@@ -72,6 +72,7 @@ def sample_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     from .bundle import Bundle
     from .data import tensor_to_image
+    from .host import keep_freed_memory
     from .sampling import make_grid
 
     candidates = args.rerank or args.num_images
@@ -85,6 +86,8 @@ def sample_main(argv: list[str]) -> int:
     if args.compile:
         print("--compile: the first batch compiles the forward (seconds to minutes on a CPU; the images/s "
               "below include it)", file=sys.stderr)  # fmt: skip
+    if args.device == "cpu":
+        keep_freed_memory()  # this process only samples: freed temporaries are reused, not page-faulted in
     start = time.perf_counter()
     images = bundle.generate(prompts, params)
     if args.rerank:

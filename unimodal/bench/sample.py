@@ -33,6 +33,7 @@ import time
 
 import torch
 
+from ..host import keep_freed_memory
 from ..model import build_transformer
 from ..sampling import SamplingParams, generate_codes
 from ..vocab import JointVocab
@@ -143,11 +144,18 @@ def main(argv: list[str] | None = None) -> int:
         help="a row whose first call takes longer is timed by that call alone (not compiled rows)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--keep-freed-memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="glibc malloc keeps freed memory for reuse, as `unimodal sample` does on CPU (sampling.keep_freed_memory)",
+    )
     p.add_argument("--device", default=default_device())
     p.add_argument("--json", default=None, help="also write the table here")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    kept = keep_freed_memory() if args.keep_freed_memory and args.device == "cpu" else False
 
     model, vocab, prompt, what = _model(args, None if args.bundle else model_config(args, p))
     peak = measured_peak_flops(args.device)
@@ -155,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     new_tokens = vocab.image_tokens + 2
     print(f"model: {what}; {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params; "
           f"{vocab.image_tokens} codes per image; measured peak {peak / 1e9:.1f} GFLOP/s; "
-          f"{fpt / 1e6:.2f} MFLOP per generated token; torch threads {torch.get_num_threads()}")  # fmt: skip
+          f"{fpt / 1e6:.2f} MFLOP per generated token; torch threads {torch.get_num_threads()}; "
+          f"malloc keeps freed memory: {kept}")  # fmt: skip
 
     rows = []
     for batch in args.batches:
@@ -193,6 +202,6 @@ def main(argv: list[str] | None = None) -> int:
         r["x vs batch " + str(min(args.batches))] = r["images/s"] / base if base else None
     print_table(
         f"sampling speed ({what}, {args.device})", rows, args.json,
-        {"peak_flops": peak, "flops_per_token": fpt, "image_tokens": vocab.image_tokens},
+        {"peak_flops": peak, "flops_per_token": fpt, "image_tokens": vocab.image_tokens, "keep_freed_memory": kept},
     )  # fmt: skip
     return 0
