@@ -379,8 +379,11 @@ def attention_implementation(model, name: str):
 # batch 1: the calls were the cost, not the arithmetic). Process pairs, 2-core CPU,
 # default model, ms per step plain -> decomposed: batch 1 0.635/0.561 -> 0.501/0.480, 2 0.78/0.75 ->
 # 0.62/0.61, 4 1.00/0.86 -> 0.65/0.65, 8 1.35/1.15 -> 0.90/0.90, 16 1.34/1.45 -> 1.27/1.15, 32 2.25/2.25
-# -> 2.12/1.98; batch 64 either way (3.27/3.67/4.13 vs 3.63/3.75/3.72), so it keeps the BLAS.
-DECOMPOSE_MM_MAX_ROWS = 32
+# -> 2.12/1.98. At 64 and 128 rows the BLAS calls are as fast while the host is quiet but not when it
+# is busy: two copies of the model compiled each way in one process, called in turn for minutes, batch
+# 64: 3.59 vs 3.57 ms per step (2 pairs with BLAS under 3.7 ms), 3.88 vs 3.78 (10 pairs, 3.7-4.2), 4.69 vs
+# 4.11 (78 pairs over 4.2 ms); batch 128: 7.33 vs 7.05 (30 pairs); same codes. Above 128 it keeps BLAS.
+DECOMPOSE_MM_MAX_ROWS = 128
 
 
 def compile_config(device: torch.device) -> CompileConfig:
