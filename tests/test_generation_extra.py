@@ -429,6 +429,22 @@ def test_decoding_mask_is_read_once_per_mask_and_again_when_it_changes():
     k4, v4 = k.expand(-1, 4, -1, -1), v.expand(-1, 4, -1, -1)  # the key/value head for each query head
     reference = torch.nn.functional.scaled_dot_product_attention(q, k4, v4, attn_mask=mask)
     torch.testing.assert_close(filled_cache_attention(q, k, v, mask, None), reference)
+    with torch.inference_mode():  # tensors made here have no version counter: read at every call
+        mask = torch.ones(2, 1, 1, 10, dtype=torch.bool)
+        assert decoding_mask(mask) == (10, True)
+        mask[0, ..., :3] = False
+        assert decoding_mask(mask) == (10, False)
+        torch.testing.assert_close(filled_cache_attention(q, k, v, mask, None), reference)
+
+
+def test_sampling_under_inference_mode_gives_the_same_codes(model):
+    """A caller may wrap sampling in `torch.inference_mode` (no version counters on its tensors)."""
+    params = SamplingParams(cache="static")
+    torch.manual_seed(3)
+    with torch.inference_mode():
+        inside = generate_codes(model, VOCAB, _prompts(), params)
+    torch.manual_seed(3)
+    assert torch.equal(inside, generate_codes(model, VOCAB, _prompts(), params))
 
 
 def test_static_cache_with_live_attention_gives_the_dynamic_cache_logits(model):

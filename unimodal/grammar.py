@@ -280,7 +280,8 @@ class GrammarLogitsProcessor(LogitsProcessor):
         rows = self.last_rows(input_ids)
         self._last = (input_ids, rows)
         states = self.steps.states(rows)
-        self.support = self.steps.ranges[states[0]] if states.count(states[0]) == len(states) else None
+        alike = states and states.count(states[0]) == len(states)
+        self.support = self.steps.ranges[states[0]] if alike else None
         return states
 
     def mask(self, states: list[int], scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -291,7 +292,7 @@ class GrammarLogitsProcessor(LogitsProcessor):
             bias = torch.full((table.shape[0], scores.shape[-1]), float("-inf"), device=scores.device)
             bias[:, : table.shape[-1]] = torch.where(table, 0.0, float("-inf"))  # ids past V stay forbidden
             self._bias = bias.to(scores.dtype)
-        if states.count(states[0]) == len(states):  # every row in one state (always, drawing images): one row
+        if states and states.count(states[0]) == len(states):  # every row in one state (drawing images): one row
             return scores + self._bias[states[0]]
         return scores + self._bias[torch.tensor(states, device=scores.device)]
 

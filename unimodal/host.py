@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 
 def keep_freed_memory(mmap_mb: int = 4, trim_mb: int = 64) -> bool:
@@ -15,11 +14,12 @@ def keep_freed_memory(mmap_mb: int = 4, trim_mb: int = 64) -> bool:
     none: process pairs, batch-64 compiled step 4.56 / 3.76 / 3.54 / 3.91 -> 3.71 / 3.80 / 3.73 / 3.73
     ms (experiments/generation/results.md). The cost: up to `trim_mb` of freed memory stays with the
     process. `unimodal sample` (on CPU) and `bench sample` call it; a library caller decides for itself.
-    Returns False where the C library is not glibc (nothing changed)."""
+    Returns whether glibc took both settings: False where the C library is not glibc (nothing
+    changed); under a preloaded malloc such as jemalloc glibc takes them and they change nothing."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+        mallopt = ctypes.CDLL(None).mallopt  # the C library this process runs on
+    except (OSError, AttributeError, TypeError):
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
-    return bool(mallopt(m_mmap_threshold, mmap_mb << 20)) and bool(mallopt(m_trim_threshold, trim_mb << 20))
+    done = [mallopt(m_mmap_threshold, mmap_mb << 20), mallopt(m_trim_threshold, trim_mb << 20)]
+    return all(done)

@@ -299,17 +299,20 @@ def decoding_mask(mask: torch.Tensor) -> tuple[int, bool]:
 
     Every layer of a step gets the same mask object, so it is read at the first layer only (its five
     small operations were repeated per layer); a new mask, or this one changed in place since (its
-    version counter moved), is read again. Without a mask SDPA adds nothing to the scores: 116 vs 131 us
+    version counter moved), is read again; a mask made under `torch.inference_mode` has no version
+    counter and is read at every layer. Without a mask SDPA adds nothing to the scores: 116 vs 131 us
     per call at batch 64 over 142 keys (timed alone).
     """
     global _LAST_MASK
+    tracked = not mask.is_inference()  # a tensor made under inference_mode has no version counter
     ref, version, facts = _LAST_MASK
-    if ref is not None and ref() is mask and mask._version == version:
+    if tracked and ref is not None and ref() is mask and mask._version == version:
         return facts
     row = mask[0, 0, 0]
     live = row.shape[0] - int(row.view(torch.uint8).flip(0).argmax())  # last attended key + 1
     facts = (live, bool(mask[..., :live].all()))
-    _LAST_MASK = (weakref.ref(mask), mask._version, facts)
+    if tracked:
+        _LAST_MASK = (weakref.ref(mask), mask._version, facts)
     return facts
 
 
