@@ -564,3 +564,22 @@ def test_inductor_compiled_decoding_gives_the_dynamic_cache_logits(copies):
     compiled = generate_codes(tiny, VOCAB, rows, SamplingParams(greedy=True, cache="static", compile=True))
     torch._dynamo.reset()
     assert torch.equal(compiled, eager)
+
+
+def test_image_sampling_skips_the_eos_check_and_draws_the_same_codes(model, monkeypatch):
+    """After <boi> no row can reach <eos> before the last of its N + 2 steps, so `generate_codes` drops
+    generate()'s per-step EOS criterion and draws what it would draw with it."""
+    import transformers.generation.stopping_criteria as sc
+
+    kinds, call = [], sc.StoppingCriteriaList.__call__
+    spy = lambda self, *a, **kw: kinds.append({type(c).__name__ for c in self}) or call(self, *a, **kw)  # noqa: E731
+    monkeypatch.setattr(sc.StoppingCriteriaList, "__call__", spy)
+    params, rows = SamplingParams(cache="static"), _prompts()
+    torch.manual_seed(0)
+    checked = generate_ids(model, VOCAB, rows, params, VOCAB.image_tokens + 2, SegmentGrammar(VOCAB))
+    assert "EosTokenCriteria" in kinds[-1] and not (checked[:, :-1] == VOCAB.eos).any()
+    kinds.clear()
+    torch.manual_seed(0)
+    codes = generate_codes(model, VOCAB, rows, params)
+    assert kinds and not any("EosTokenCriteria" in k for k in kinds)
+    assert torch.equal(codes, VOCAB.ids_to_codes(checked[:, : VOCAB.image_tokens]))
