@@ -226,7 +226,7 @@ class GrammarSteps:
         code per step), so each distinct (row, kind of id) is worked out once: the whole batch at once
         when every row and every id's kind are the same."""
         kinds = [self.kind[token] for token in tokens]
-        if rows and rows.count(rows[0]) == len(rows) and kinds.count(kinds[0]) == len(kinds):
+        if _all_alike(rows) and _all_alike(kinds):
             return [self._move(rows[0], kinds[0])] * len(rows)
         moves, out = {}, []
         for key in zip(rows, kinds, strict=True):
@@ -236,13 +236,18 @@ class GrammarSteps:
         return out
 
     def states(self, rows: list) -> list[int]:
-        if rows and rows.count(rows[0]) == len(rows):
+        if _all_alike(rows):
             return [self._state(rows[0])] * len(rows)
         known = {}
         for row in rows:
             if row not in known:
                 known[row] = self._state(row)
         return [known[row] for row in rows]
+
+
+def _all_alike(items: list) -> bool:
+    """Whether a batch's rows (or ids, or states) are all equal: the common case, worked out once."""
+    return bool(items) and items.count(items[0]) == len(items)
 
 
 @functools.lru_cache(maxsize=8)
@@ -280,8 +285,7 @@ class GrammarLogitsProcessor(LogitsProcessor):
         rows = self.last_rows(input_ids)
         self._last = (input_ids, rows)
         states = self.steps.states(rows)
-        alike = states and states.count(states[0]) == len(states)
-        self.support = self.steps.ranges[states[0]] if alike else None
+        self.support = self.steps.ranges[states[0]] if _all_alike(states) else None
         return states
 
     def mask(self, states: list[int], scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -292,7 +296,7 @@ class GrammarLogitsProcessor(LogitsProcessor):
             bias = torch.full((table.shape[0], scores.shape[-1]), float("-inf"), device=scores.device)
             bias[:, : table.shape[-1]] = torch.where(table, 0.0, float("-inf"))  # ids past V stay forbidden
             self._bias = bias.to(scores.dtype)
-        if states and states.count(states[0]) == len(states):  # every row in one state (drawing images): one row
+        if _all_alike(states):  # every row in one state (always, drawing images): one row of the table
             return scores + self._bias[states[0]]
         return scores + self._bias[torch.tensor(states, device=scores.device)]
 

@@ -125,21 +125,21 @@ class NextToken(LogitsProcessor):
             part = scores[:, lo:hi]
             if guided:
                 part = part[b:] + self.scale * (part[:b] - part[b:])
-            part = part.contiguous()  # softmax over a strided view costs twice as much
-            for warper in self.warpers:
-                part = warper(input_ids[:b], part)
-            token = draw(part) + lo
+            token = self.sample(input_ids[:b], part.contiguous()) + lo  # softmax over a strided view: 2x the cost
             return one_hot_scores(scores, token.repeat(2, 1) if guided else token)
         if guided:
             cond, uncond = scores[:b].log_softmax(-1), scores[b:].log_softmax(-1)  # (B, V) each
             scores = uncond + self.scale * (cond - uncond)
         scores = self.grammar.mask(states, scores)
         if self.warpers is not None:
-            part = scores
-            for warper in self.warpers:
-                part = warper(input_ids[:b], part)
-            scores = one_hot_scores(scores, draw(part))
+            scores = one_hot_scores(scores, self.sample(input_ids[:b], scores))
         return torch.cat([scores, scores]) if guided else scores
+
+    def sample(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.Tensor:
+        """The library's warpers, then one draw per row: (B, V) -> (B, 1) column indices of `scores`."""
+        for warper in self.warpers:
+            scores = warper(input_ids, scores)
+        return draw(scores)
 
 
 def draw(scores: torch.Tensor) -> torch.Tensor:

@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         "--keep-freed-memory",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="glibc malloc keeps freed memory for reuse, as `unimodal sample` does on CPU (sampling.keep_freed_memory)",
+        help="glibc malloc keeps freed memory for reuse, as `unimodal sample` does on CPU (host.keep_freed_memory)",
     )
     p.add_argument("--device", default=default_device())
     p.add_argument("--json", default=None, help="also write the table here")
