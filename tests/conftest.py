@@ -14,7 +14,7 @@ EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments" / "shapes"
 
 
 def fit_tokenizer(root: Path, cache: Path, steps: int = 30, name: str = "tok", extra=()) -> Path:
-    from unimodal.fit import TokenizerCLI
+    from unimodal.training.fit import TokenizerCLI
 
     TokenizerCLI(args=[
         "fit", "--config", str(EXPERIMENTS / "tokenizer.yaml"), "--run.root", str(root), "--run.name", name,
@@ -27,7 +27,7 @@ def fit_tokenizer(root: Path, cache: Path, steps: int = 30, name: str = "tok", e
 
 
 def fit_transformer(root: Path, cache: Path, tokenizer: Path, steps: int = 30, name: str = "lm", extra=()) -> Path:
-    from unimodal.fit import TransformerCLI
+    from unimodal.training.fit import TransformerCLI
 
     TransformerCLI(args=[
         "fit", "--config", str(EXPERIMENTS / "transformer.yaml"), "--run.root", str(root), "--run.name", name,
@@ -58,6 +58,6 @@ def trained(tmp_path_factory, hf_cache) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def bundle(trained):
-    from unimodal.bundle import Bundle
+    from unimodal.generation.bundle import Bundle
 
     return Bundle.load(trained["bundle"])

@@ -106,9 +106,9 @@ def test_compiled_training_forward_matches_eager_and_keeps_the_state_dict(monkey
 
     monkeypatch.setattr(torch, "compile", partial(torch.compile, backend="aot_eager"))
     from unimodal.bench.train import synthetic_batches
-    from unimodal.lit import TransformerModule
-    from unimodal.model import TransformerConfig
-    from unimodal.vocab import JointVocab
+    from unimodal.lm.transformer import TransformerConfig
+    from unimodal.lm.vocab import JointVocab
+    from unimodal.training.modules import TransformerModule
 
     vocab = JointVocab(text_size=64, image_size=16, image_grid=(2, 2), max_text_tokens=8)
     config = TransformerConfig(n_layers=1, d_model=32, n_heads=2, ffn_hidden=64)
@@ -141,7 +141,7 @@ def test_bench_refuses_a_model_size_the_config_refuses_in_one_line(target, capsy
 
 _MALLOC_PROBE = """
 import ctypes, sys
-from unimodal.host import keep_freed_memory
+from unimodal.generation.fast.host import keep_freed_memory
 class Info(ctypes.Structure):
     names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
     _fields_ = [(n, ctypes.c_size_t) for n in names.split()]

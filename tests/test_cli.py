@@ -5,8 +5,8 @@ import sys
 
 from PIL import Image
 
-from unimodal.cli import main
-from unimodal.compare import compare
+from unimodal.cli.main import main
+from unimodal.evaluation.compare import compare
 
 
 def test_sample_writes_grid_and_individual_images(trained, tmp_path, capsys):
@@ -53,8 +53,8 @@ def test_console_script_help():
 
 
 def test_evaluate_reports_fidelity_judge_and_tokenizer(bundle, tmp_path):
-    from unimodal.evaluate import evaluate_bundle
-    from unimodal.judge import JudgeConfig
+    from unimodal.evaluation.evaluate import evaluate_bundle
+    from unimodal.evaluation.judge import JudgeConfig
 
     result = evaluate_bundle(
         bundle, "heldout", tmp_path / "judge", num_captions=16, judge_config=JudgeConfig(train_images=512, epochs=2)
@@ -66,7 +66,7 @@ def test_evaluate_reports_fidelity_judge_and_tokenizer(bundle, tmp_path):
 
 
 def test_quick_demo_runs_every_step_with_offline_wandb(tmp_path, monkeypatch):
-    from unimodal.demo import run_demo
+    from unimodal.cli.demo import run_demo
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

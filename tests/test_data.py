@@ -5,17 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from unimodal.data import (
-    COLORS,
-    HELDOUT_PAIRS,
-    SHAPES,
-    DataSource,
-    ShapesConfig,
-    image_to_tensor,
-    load_pairs,
-    scene_from_row,
-    shapes_dataset,
-)
+from unimodal.data.images import image_to_tensor
+from unimodal.data.pairs import DataSource, load_pairs
+from unimodal.data.shapes import COLORS, HELDOUT_PAIRS, SHAPES, ShapesConfig, scene_from_row, shapes_dataset
 
 SMALL = ShapesConfig(train_size=400, test_size=50, heldout_size=50)
 
@@ -88,7 +80,7 @@ def _write_folder(folder, good: int, corrupt: int):
 
 
 def test_bad_rows_are_skipped_with_a_count(tmp_path, caplog):
-    from unimodal.datamodules import ImageDataModule
+    from unimodal.training.datamodules import ImageDataModule
 
     _write_folder(tmp_path / "mixed", good=7, corrupt=2)
     dm = ImageDataModule(source=DataSource(name=str(tmp_path / "mixed")), batch_size=2, val_split="train")
@@ -101,7 +93,7 @@ def test_bad_rows_are_skipped_with_a_count(tmp_path, caplog):
 
 
 def test_open_image_names_the_bad_file(tmp_path):
-    from unimodal.data import BadImageError, open_image
+    from unimodal.data.images import BadImageError, open_image
 
     bad = tmp_path / "truncated.png"
     Image.new("RGB", (64, 64), (1, 2, 3)).save(bad)

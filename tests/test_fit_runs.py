@@ -4,8 +4,8 @@ import csv
 
 import pytest
 
-from unimodal.compare import read_curves
-from unimodal.fit import TransformerCLI
+from unimodal.evaluation.compare import read_curves
+from unimodal.training.fit import TransformerCLI
 
 from .conftest import EXPERIMENTS
 
@@ -80,7 +80,7 @@ def test_a_resumed_optimizer_takes_this_runs_fused_setting_not_the_checkpoints()
     resumed on a CPU (or under fp16, where clipping refuses fused) must be turned back off."""
     import lightning as L
 
-    from unimodal.lit import TokenizerModule
+    from unimodal.training.modules import TokenizerModule
 
     module = TokenizerModule()
     module.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)

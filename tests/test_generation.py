@@ -1,9 +1,9 @@
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from unimodal.bundle import Bundle
-from unimodal.grammar import SegmentGrammar
-from unimodal.sampling import SamplingParams, generate_codes
+from unimodal.generation.bundle import Bundle
+from unimodal.generation.sampling import SamplingParams, generate_codes
+from unimodal.lm.grammar import SegmentGrammar
 
 PROMPTS = ["a large red circle at the top left", "blue square, bottom right, small", "🐱 unseen words"]
 

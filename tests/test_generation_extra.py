@@ -5,14 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 from transformers import CompileConfig, LogitsProcessorList
-
-from unimodal import sampling
-from unimodal.bundle import Bundle
-from unimodal.caption import caption_images, parse_caption
-from unimodal.grammar import CAPTION_START, END, GrammarLogitsProcessor, SegmentGrammar
-from unimodal.model import TransformerConfig, build_transformer
-from unimodal.rerank import ContrastiveScorer, RerankerConfig, load_or_train_reranker, rerank
-from unimodal.sampling import (
+from unimodal.generation.sampling import (
     COMPILED_LIVE_SDPA,
     LIVE_SDPA,
     GuardSkip,
@@ -28,7 +21,15 @@ from unimodal.sampling import (
     live_sdpa_attention,
     live_sdpa_mask,
 )
-from unimodal.vocab import JointVocab
+
+from unimodal.generation import sampling
+from unimodal.evaluation.captioning import parse_caption
+from unimodal.generation.bundle import Bundle
+from unimodal.generation.caption import caption_images
+from unimodal.generation.rerank import ContrastiveScorer, RerankerConfig, load_or_train_reranker, rerank
+from unimodal.lm.grammar import CAPTION_START, END, GrammarLogitsProcessor, SegmentGrammar
+from unimodal.lm.transformer import TransformerConfig, build_transformer
+from unimodal.lm.vocab import JointVocab
 
 VOCAB = JointVocab(text_size=50, image_size=20, image_grid=(3, 3), max_text_tokens=6, image_to_text=True)
 
@@ -118,7 +119,7 @@ def test_invalid_sampling_parameters_give_clear_errors(kwargs, message):
 
 
 def test_cli_rejects_bad_cfg_scale_in_one_line(trained, capsys):
-    from unimodal.cli import main
+    from unimodal.cli.main import main
 
     assert main(["sample", "--bundle", str(trained["bundle"]), "--prompt", "a red circle", "--cfg-scale", "-2"]) == 2
     err = capsys.readouterr().err.strip()
@@ -174,7 +175,7 @@ def test_caption_pipeline_and_parser(bundle):
 
 
 def test_caption_dropout_and_i2t_mix_depend_only_on_seed_and_batch_index(trained):
-    from unimodal.datamodules import SequenceDataModule
+    from unimodal.training.datamodules import SequenceDataModule
 
     def dm(**kw):
         return SequenceDataModule(str(trained["tokenizer"]), str(trained["root"] / "text_tokenizer"), **kw)
@@ -410,7 +411,7 @@ def test_filled_cache_attention_reads_only_the_filled_keys_and_matches_repeated_
 def test_decoding_mask_is_read_once_per_mask_and_again_when_it_changes():
     """Every layer of a step gets one mask object: `decoding_mask` reads it once, and reads it again
     for a new mask or one changed in place (a stale answer would attend to padding or cut keys)."""
-    from unimodal.sampling import decoding_mask
+    from unimodal.generation.sampling import decoding_mask
 
     mask = torch.zeros(2, 1, 1, 10, dtype=torch.bool)
     mask[..., :6] = True

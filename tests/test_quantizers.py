@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from unimodal.cli import main as cli_main
-from unimodal.image_tokenizer import ImageTokenizer, ImageTokenizerConfig, ssim
-from unimodal.lit import TokenizerModule
-from unimodal.quantizers import QUANTIZERS, GumbelQuantizer, VectorQuantizer
+from unimodal.cli.main import main as cli_main
+from unimodal.tokenizers.image import ImageTokenizer, ImageTokenizerConfig, ssim
+from unimodal.tokenizers.quantizers import QUANTIZERS, GumbelQuantizer, VectorQuantizer
+from unimodal.training.modules import TokenizerModule
 
 SMALL = dict(resolution=16, channels=8, channel_mult=[2, 4], code_dim=16)
 
@@ -119,7 +119,7 @@ def test_entropy_term_spreads_a_collapsed_codebook():
     """Encoder outputs bunched in one cone use 6 of 16 random L2 codes; 60 Adam steps on the
     quantizer's loss (commitment + entropy) spread them over more codes, while without the entropy
     term the commitment loss keeps them where they are."""
-    from unimodal.quantizers import L2Quantizer
+    from unimodal.tokenizers.quantizers import L2Quantizer
 
     def codes_used(entropy_weight: float) -> tuple[int, int]:
         torch.manual_seed(0)
@@ -143,7 +143,7 @@ def test_entropy_term_spreads_a_collapsed_codebook():
 
 def _entropy_grads(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of the L2 quantizer's entropy term w.r.t. its input and its codebook."""
-    from unimodal.quantizers import L2Quantizer
+    from unimodal.tokenizers.quantizers import L2Quantizer
 
     q = L2Quantizer(codebook.shape[0], code_dim=4, lookup_dim=4, entropy_temperature=0.1)
     with torch.no_grad():

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from unimodal.compare import read_curves
-from unimodal.data_order import EpochSampler
-from unimodal.fit import FiniteLossGuard, NonFiniteLossError
+from unimodal.data.order import EpochSampler
+from unimodal.evaluation.compare import read_curves
+from unimodal.training.fit import FiniteLossGuard, NonFiniteLossError
 
 from .conftest import EXPERIMENTS, TINY_DATA
 
@@ -139,8 +139,8 @@ def test_stage2_data_skips_bad_rows_and_handles_odd_captions(trained, tmp_path, 
 
     from PIL import Image
 
-    from unimodal.data import DataSource
-    from unimodal.datamodules import SequenceDataModule
+    from unimodal.data.pairs import DataSource
+    from unimodal.training.datamodules import SequenceDataModule
 
     folder = tmp_path / "odd"
     folder.mkdir()
@@ -161,7 +161,7 @@ def test_stage2_data_skips_bad_rows_and_handles_odd_captions(trained, tmp_path, 
         dm.setup("fit")
     text = caplog.text
     assert "skipped 1 of 5 rows" in text and "exceed max_text_tokens=16" in text and "1 of 5 captions are empty" in text
-    from unimodal.grammar import SegmentGrammar
+    from unimodal.lm.grammar import SegmentGrammar
 
     g = SegmentGrammar(dm.vocab)
     assert len(dm.train_set) == 4 and all(g.is_valid(r["input_ids"]) for r in dm.train_set)
@@ -170,7 +170,7 @@ def test_stage2_data_skips_bad_rows_and_handles_odd_captions(trained, tmp_path, 
 def test_bundle_with_mismatched_vocab_is_refused(bundle, tmp_path):
     import json
 
-    from unimodal.bundle import Bundle
+    from unimodal.generation.bundle import Bundle
 
     bundle.save(tmp_path / "b")
     vocab = json.loads((tmp_path / "b" / "vocab.json").read_text())
@@ -190,7 +190,7 @@ FUZZ_PARAMS = [dict(), dict(temperature=0.1), dict(temperature=5.0), dict(top_k=
 
 def test_fuzz_prompts_and_sampling_parameters(bundle):
     """Every combination either returns full images or raises a ValueError that says what is wrong."""
-    from unimodal.sampling import SamplingParams
+    from unimodal.generation.sampling import SamplingParams
 
     r = bundle.image_tokenizer.config.resolution
     accepted = refused = 0
@@ -288,7 +288,7 @@ def test_stage1_ddp_on_two_cpu_processes_matches_one_process(tmp_path, hf_cache)
 def test_streaming_shards_cover_the_epoch_once_across_two_ranks():
     import datasets
 
-    from unimodal.data_order import StreamingShard, to_stream
+    from unimodal.data.order import StreamingShard, to_stream
 
     ds = datasets.Dataset.from_dict({"idx": list(range(103))})
     for shards in (8, 5):  # shards divisible by the world size, and not

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from unimodal.compare import compare, read_curves
-from unimodal.sweep import _finished, load_family, plan, run_sweep
+from unimodal.cli.sweep import _finished, load_family, plan, run_sweep
+from unimodal.evaluation.compare import compare, read_curves
 
 from .conftest import EXPERIMENTS, TINY_DATA
 
@@ -132,7 +132,7 @@ COMMITTED = [(name, run) for name in ("heldout", "shapes") for run in load_famil
 
 @pytest.mark.parametrize(("name", "run"), COMMITTED)
 def test_committed_family_configs_parse_with_print_config(name, run, capsys):
-    from unimodal.fit import TokenizerCLI, TransformerCLI
+    from unimodal.training.fit import TokenizerCLI, TransformerCLI
 
     family = load_family(FAMILIES / name)
     for fit in plan(family, "runs"):
@@ -165,7 +165,7 @@ def test_compare_sorts_highlights_and_filters(tmp_path):
 
 
 def test_sweep_command_dry_run_prints_fit_commands(capsys):
-    from unimodal.cli import main
+    from unimodal.cli.main import main
 
     assert main(["sweep", str(FAMILIES / "heldout"), "--dry-run"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
@@ -176,7 +176,7 @@ def test_sweep_command_dry_run_prints_fit_commands(capsys):
 
 @pytest.mark.parametrize("stage", ["tokenizer", "transformer"])
 def test_gpu_recipe_parses_with_print_config(stage, capsys):
-    from unimodal.fit import TokenizerCLI, TransformerCLI
+    from unimodal.training.fit import TokenizerCLI, TransformerCLI
 
     program, base, diff = ((TokenizerCLI, "tokenizer.yaml", "gpu.stage1.yaml") if stage == "tokenizer"
                            else (TransformerCLI, "transformer.yaml", "gpu.yaml"))  # fmt: skip
@@ -193,7 +193,7 @@ def test_gpu_recipe_parses_with_print_config(stage, capsys):
 def test_judge_describes_what_it_reads():
     import torch
 
-    from unimodal.judge import describe
+    from unimodal.evaluation.judge import describe
 
     pred = {k: torch.zeros(2, 4, dtype=torch.long) for k in ("color", "shape", "size")}
     pred["color"][0, 1], pred["shape"][0, 1], pred["size"][0, 1] = 1, 3, 2  # red triangle, large, top right

@@ -1,9 +1,9 @@
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from unimodal.data import ShapesConfig, shapes_dataset
-from unimodal.image_tokenizer import ImageTokenizer, ImageTokenizerConfig
-from unimodal.text_tokenizer import TextTokenizer
+from unimodal.data.shapes import ShapesConfig, shapes_dataset
+from unimodal.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
+from unimodal.tokenizers.text import TextTokenizer
 
 TEXTS = ["a small red circle at the top left", "blue square, bottom right, large"] * 20
 
@@ -50,8 +50,8 @@ def test_image_tokenizer_save_load_identical(tmp_path):
 
 
 def test_trained_tokenizer_reconstructs_better_than_untrained(trained, hf_cache):
-    from unimodal.data import images_to_tensor
-    from unimodal.image_tokenizer import psnr
+    from unimodal.data.images import images_to_tensor
+    from unimodal.tokenizers.image import psnr
 
     tok = ImageTokenizer.from_pretrained(trained["tokenizer"])
     fresh = ImageTokenizer(tok.config).eval()

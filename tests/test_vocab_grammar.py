@@ -1,8 +1,7 @@
 import pytest
 import torch
 from transformers import LogitsProcessorList
-
-from unimodal.grammar import (
+from unimodal.lm.grammar import (
     DONE,
     END,
     IMAGE,
@@ -14,8 +13,9 @@ from unimodal.grammar import (
     SegmentGrammar,
     _unique_rows,
 )
-from unimodal.model import TransformerConfig, build_transformer, sequence_loss
-from unimodal.vocab import JointVocab
+
+from unimodal.lm.transformer import TransformerConfig, build_transformer, sequence_loss
+from unimodal.lm.vocab import JointVocab
 
 VOCAB = JointVocab(text_size=50, image_size=20, image_grid=(2, 3), max_text_tokens=5)
 

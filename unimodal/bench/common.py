@@ -54,7 +54,7 @@ def add_model_args(parser, n_layers: int = 4, d_model: int = 192, n_heads: int =
 
 def model_config(args, parser):
     """The TransformerConfig the size flags ask for; a size it refuses ends the run with its one-line reason."""
-    from ..model import TransformerConfig
+    from unimodal.lm.transformer import TransformerConfig
 
     try:
         return TransformerConfig(args.n_layers, args.d_model, args.n_heads, args.ffn_hidden, n_kv_heads=args.n_kv_heads)

@@ -13,10 +13,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..data import DataSource, ShapesConfig, load_pairs
-from ..datamodules import ImageDataModule, SequenceDataModule
-from ..image_tokenizer import ImageTokenizer, ImageTokenizerConfig
-from ..lit import TokenizerModule, TransformerModule
+from unimodal.data.pairs import DataSource, load_pairs
+from unimodal.data.shapes import ShapesConfig
+from unimodal.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
+from unimodal.training.datamodules import ImageDataModule, SequenceDataModule
+from unimodal.training.modules import TokenizerModule, TransformerModule
+
 from .common import print_table, time_it
 
 

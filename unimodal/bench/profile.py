@@ -95,11 +95,12 @@ def main(argv: list[str]) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    from ..vocab import JointVocab
+    from unimodal.lm.vocab import JointVocab
 
     vocab = JointVocab(text_size=1024, image_size=512, image_grid=(args.grid, args.grid), max_text_tokens=32)
     if args.target == "train":
-        from ..lit import TransformerModule
+        from unimodal.training.modules import TransformerModule
+
         from .train import bare_loop, synthetic_batches
 
         module = TransformerModule(vocab=vocab, model=model_config(args, p))
@@ -107,8 +108,8 @@ def main(argv: list[str]) -> int:
         label = f"{args.steps} training steps, batch {args.batch}, seq {batches[0]['input_ids'].shape[1]}"
         profile_call(lambda: bare_loop(module, batches, warmup=0), label, args.top, args.json)
     else:
-        from ..model import build_transformer
-        from ..sampling import SamplingParams, generate_codes
+        from unimodal.generation.sampling import SamplingParams, generate_codes
+        from unimodal.lm.transformer import build_transformer
 
         model = build_transformer(model_config(args, p), vocab).eval()
         prompts = [vocab.prompt(list(range(3, 15)))] * args.batch

@@ -33,10 +33,11 @@ import time
 
 import torch
 
-from ..host import keep_freed_memory
-from ..model import build_transformer
-from ..sampling import SamplingParams, generate_codes
-from ..vocab import JointVocab
+from unimodal.generation.fast.host import keep_freed_memory
+from unimodal.generation.sampling import SamplingParams, generate_codes
+from unimodal.lm.transformer import build_transformer
+from unimodal.lm.vocab import JointVocab
+
 from .common import add_model_args, default_device, measured_peak_flops, model_config, print_table, time_it
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -111,7 +112,7 @@ def step_bounds(model, batch: int, context: int, fpt: float, device: str, peak: 
 
 def _model(args, config):
     if args.bundle:
-        from ..bundle import Bundle
+        from unimodal.generation.bundle import Bundle
 
         bundle = Bundle.load(args.bundle, device=args.device)
         prompt = bundle.vocab.prompt(bundle.text_tokenizer.encode("a large red circle at the top left"))

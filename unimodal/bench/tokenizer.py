@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..image_tokenizer import CONFIG_FILE, ImageTokenizer, ImageTokenizerConfig
-from ..quantizers import QUANTIZERS
+from unimodal.tokenizers.image import CONFIG_FILE, ImageTokenizer, ImageTokenizerConfig
+from unimodal.tokenizers.quantizers import QUANTIZERS
+
 from .common import measured_peak_flops, print_table, time_it
 
 # The architecture of experiments/tokenizers/vq.yaml; only the quantizer changes between variants.

@@ -19,8 +19,9 @@ import time
 import lightning as L
 import torch
 
-from ..lit import TokenizerModule, TransformerModule
-from ..vocab import JointVocab
+from unimodal.lm.vocab import JointVocab
+from unimodal.training.modules import TokenizerModule, TransformerModule
+
 from .common import add_model_args, default_device, measured_peak_flops, model_config, print_table, sync
 
 

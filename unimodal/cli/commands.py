@@ -10,16 +10,9 @@ from pathlib import Path
 
 import torch
 
-from .cli import parser as make_parser
 
-DEMO_PROMPTS = [
-    "a large red circle at the top left",
-    "a large blue square at the bottom right",
-    "a large green triangle at the top right",
-    "a large yellow cross at the bottom left",
-    "purple circle, bottom right, large",
-    "a large cyan square at the top left and a small red triangle at the bottom right",
-]
+def make_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=f"unimodal {prog}", description=description)
 
 
 def _positive_int(text: str) -> int:
@@ -49,7 +42,7 @@ def _sampling_args(p: argparse.ArgumentParser):
 
 
 def _params(args, images_per_prompt: int = 1):
-    from .sampling import SamplingParams
+    from unimodal.generation.sampling import SamplingParams
 
     return SamplingParams(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy,
@@ -70,10 +63,10 @@ def sample_main(argv: list[str]) -> int:
                         "contrastive scorer (trained once, cached in BUNDLE/reranker)")  # fmt: skip
     _sampling_args(p)
     args = p.parse_args(argv)
-    from .bundle import Bundle
-    from .data import tensor_to_image
-    from .host import keep_freed_memory
-    from .sampling import make_grid
+    from unimodal.data.images import tensor_to_image
+    from unimodal.generation.bundle import Bundle
+    from unimodal.generation.fast.host import keep_freed_memory
+    from unimodal.viz import make_grid
 
     candidates = args.rerank or args.num_images
     if candidates < args.num_images:
@@ -91,7 +84,7 @@ def sample_main(argv: list[str]) -> int:
     start = time.perf_counter()
     images = bundle.generate(prompts, params)
     if args.rerank:
-        from .rerank import rerank, reranker_for
+        from unimodal.generation.rerank import rerank, reranker_for
 
         scorer = reranker_for(bundle, Path(args.bundle) / "reranker")
         images, _ = rerank(scorer, images, bundle.text_tokenizer.encode_batch(prompts), candidates, args.num_images)
@@ -120,8 +113,8 @@ def evaluate_main(argv: list[str]) -> int:
                    help="candidates per caption; the contrastive scorer keeps the best (default 1 = off)")  # fmt: skip
     _sampling_args(p)
     args = p.parse_args(argv)
-    from .bundle import Bundle
-    from .evaluate import evaluate_bundle, write_json
+    from unimodal.evaluation.evaluate import evaluate_bundle, write_json
+    from unimodal.generation.bundle import Bundle
 
     params = _params(args)
     bundle = Bundle.load(args.bundle, device=args.device)
@@ -146,10 +139,11 @@ def caption_main(argv: list[str]) -> int:
     p.add_argument("--json", default=None, help="with --split: write the accuracy results here")
     _sampling_args(p)
     args = p.parse_args(argv)
-    from .bundle import Bundle
-    from .caption import caption_images, captioning_accuracy
-    from .data import images_to_tensor
-    from .evaluate import write_json
+    from unimodal.data.images import images_to_tensor
+    from unimodal.evaluation.captioning import captioning_accuracy
+    from unimodal.evaluation.evaluate import write_json
+    from unimodal.generation.bundle import Bundle
+    from unimodal.generation.caption import caption_images
 
     params = _params(args)
     bundle = Bundle.load(args.bundle, device=args.device)
@@ -183,7 +177,7 @@ def compare_main(argv: list[str]) -> int:
     p.add_argument("--metrics", nargs="+", default=None,
                    help="keep only metrics containing one of these substrings (e.g. loss_image fidelity)")  # fmt: skip
     args = p.parse_args(argv)
-    from .compare import compare
+    from unimodal.evaluation.compare import compare
 
     table, plot = compare(args.runs, args.out, args.sort_by, args.descending, metrics=args.metrics)
     print(table.read_text())
@@ -192,7 +186,7 @@ def compare_main(argv: list[str]) -> int:
 
 
 def sweep_main(argv: list[str]) -> int:
-    from .sweep import SWEEP_FILE, run_sweep
+    from unimodal.cli.sweep import SWEEP_FILE, run_sweep
 
     p = make_parser("sweep", f"Run an experiment family (a folder with {SWEEP_FILE} and one YAML diff per run), "
                              "skipping finished runs, then compare the runs (table sorted by the family's metric "
@@ -223,7 +217,7 @@ def reconstruct_main(argv: list[str]) -> int:
     p.add_argument("--images", nargs="+", required=True, help="image files (any size/mode; resized, centre-cropped)")
     p.add_argument("--out", default="reconstructions.png", help="PNG grid to write (default reconstructions.png)")
     args = p.parse_args(argv)
-    from .reconstruct import reconstruction_grid
+    from unimodal.evaluation.reconstruct import reconstruction_grid
 
     result = reconstruction_grid(args.tokenizer, args.images, args.out)
     print(f"{result['images']} images: PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.3f} -> {args.out}")
@@ -231,7 +225,7 @@ def reconstruct_main(argv: list[str]) -> int:
 
 
 def demo_main(argv: list[str]) -> int:
-    from .demo import run_demo
+    from unimodal.cli.demo import run_demo
 
     p = make_parser("demo", "Train both stages on the built-in shapes, sample, evaluate and compare, in one go.")
     p.add_argument("--out", default="demo", help="output folder (default ./demo)")

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .data import image_to_tensor
-from .image_tokenizer import ImageTokenizer, psnr, ssim
-from .sampling import make_grid
+from unimodal.data.images import image_to_tensor
+from unimodal.tokenizers.image import ImageTokenizer, psnr, ssim
+from unimodal.viz import make_grid
 
 
 def load_images(paths: list[str | Path], resolution: int) -> torch.Tensor:

@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .data import DataSource, ShapesConfig, images_to_tensor, load_pairs
-from .judge import load_or_train
+from unimodal.cached import load_or_train
+from unimodal.data.images import images_to_tensor
+from unimodal.data.pairs import DataSource, load_pairs
+from unimodal.data.shapes import ShapesConfig
 
 
 @dataclass

@@ -29,7 +29,7 @@ import functools
 import torch
 from transformers import LogitsProcessor
 
-from .vocab import JointVocab
+from unimodal.lm.vocab import JointVocab
 
 TEXT, TEXT_FULL, IMAGE, IMAGE_FULL, END, DONE, CAPTION_START, CAPTION, CAPTION_FULL = range(9)
 STATE_NAMES = ("TEXT", "TEXT_FULL", "IMAGE", "IMAGE_FULL", "END", "DONE", "CAPTION_START", "CAPTION", "CAPTION_FULL")

@@ -17,7 +17,17 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .quantizers import CODEBOOK_QUANTIZERS, QUANTIZERS, QuantizerOutput, build_quantizer
+from unimodal.tokenizers.quantizers import (
+    CODEBOOK_QUANTIZERS,
+    QUANTIZERS,
+    EMAQuantizer,
+    FSQuantizer,
+    GumbelQuantizer,
+    L2Quantizer,
+    Quantizer,
+    QuantizerOutput,
+    VectorQuantizer,
+)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -98,6 +108,24 @@ class ImageTokenizerConfig:
     @property
     def grid_size(self) -> int:
         return self.resolution // self.downsample
+
+
+def build_quantizer(c: ImageTokenizerConfig) -> Quantizer:
+    """The quantizer named by `c.quantizer`, with its options from the config."""
+    common = dict(beta=c.beta, restart_window=c.restart_window, entropy_weight=c.entropy_weight,
+                  entropy_temperature=c.entropy_temperature)  # fmt: skip
+    if c.quantizer == "vq":
+        return VectorQuantizer(c.codebook_size, c.code_dim, **common)
+    if c.quantizer == "ema":
+        return EMAQuantizer(c.codebook_size, c.code_dim, **common, decay=c.ema_decay)
+    if c.quantizer == "l2":
+        return L2Quantizer(c.codebook_size, c.code_dim, **common, lookup_dim=c.lookup_dim)
+    if c.quantizer == "gumbel":
+        return GumbelQuantizer(c.codebook_size, c.code_dim, tuple(c.gumbel_temperature), c.gumbel_anneal_steps,
+                               c.gumbel_kl_weight)  # fmt: skip
+    if c.quantizer == "fsq":
+        return FSQuantizer(c.code_dim, c.fsq_levels)
+    raise ValueError(f"unknown quantizer {c.quantizer!r}; choose one of {QUANTIZERS}")
 
 
 class ResBlock(nn.Module):

@@ -17,11 +17,12 @@ import datasets
 import lightning as L
 import torch
 
-from .data import DataSource, decode_or_skip, image_to_tensor, image_to_uint8, load_pairs, uint8_to_float
-from .data_order import ResumableData
-from .image_tokenizer import WEIGHTS_FILE, ImageTokenizer, load_config
-from .text_tokenizer import TOKENIZER_FILE, TextTokenizer
-from .vocab import JointVocab
+from unimodal.data.images import decode_or_skip, image_to_tensor, image_to_uint8, uint8_to_float
+from unimodal.data.order import ResumableData
+from unimodal.data.pairs import DataSource, load_pairs
+from unimodal.lm.vocab import JointVocab
+from unimodal.tokenizers.image import WEIGHTS_FILE, ImageTokenizer, load_config
+from unimodal.tokenizers.text import TOKENIZER_FILE, TextTokenizer
 
 log = logging.getLogger(__name__)
 

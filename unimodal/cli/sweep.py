@@ -206,8 +206,8 @@ def run_sweep(
             print(fit.command())
         return None
 
-    from .fit import TokenizerCLI, TransformerCLI
-    from .loggers import finish_wandb
+    from unimodal.training.fit import TokenizerCLI, TransformerCLI
+    from unimodal.training.loggers import finish_wandb
 
     base = Path(root) / family.name
     failed = []
@@ -230,7 +230,7 @@ def run_sweep(
             finish_wandb()
         print(f"[sweep {family.name}] {fit.name}: {(time.perf_counter() - start) / 60:.1f} min", flush=True)
 
-    from .compare import compare
+    from unimodal.evaluation.compare import compare
 
     done, missing = [], []
     for r in family.runs:

@@ -25,14 +25,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-if TYPE_CHECKING:
-    from .image_tokenizer import ImageTokenizerConfig
 
 
 @dataclass
@@ -361,24 +357,6 @@ class FSQuantizer(Quantizer):
 
 QUANTIZERS = ("vq", "ema", "l2", "gumbel", "fsq")
 CODEBOOK_QUANTIZERS = ("vq", "ema", "l2")  # the ones with codes that can die (and be restarted)
-
-
-def build_quantizer(c: ImageTokenizerConfig) -> Quantizer:
-    """The quantizer named by `c.quantizer`, with its options from the config."""
-    common = dict(beta=c.beta, restart_window=c.restart_window, entropy_weight=c.entropy_weight,
-                  entropy_temperature=c.entropy_temperature)  # fmt: skip
-    if c.quantizer == "vq":
-        return VectorQuantizer(c.codebook_size, c.code_dim, **common)
-    if c.quantizer == "ema":
-        return EMAQuantizer(c.codebook_size, c.code_dim, **common, decay=c.ema_decay)
-    if c.quantizer == "l2":
-        return L2Quantizer(c.codebook_size, c.code_dim, **common, lookup_dim=c.lookup_dim)
-    if c.quantizer == "gumbel":
-        return GumbelQuantizer(c.codebook_size, c.code_dim, tuple(c.gumbel_temperature), c.gumbel_anneal_steps,
-                               c.gumbel_kl_weight)  # fmt: skip
-    if c.quantizer == "fsq":
-        return FSQuantizer(c.code_dim, c.fsq_levels)
-    raise ValueError(f"unknown quantizer {c.quantizer!r}; choose one of {QUANTIZERS}")
 
 
 def code_statistics(counts: torch.Tensor) -> dict[str, float]:

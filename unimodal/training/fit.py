@@ -18,9 +18,10 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from .datamodules import ImageDataModule, SequenceDataModule
-from .lit import Evaluation, Export, SampleGrid, TokenizerModule, TransformerModule
-from .loggers import RunConfig, build_loggers
+from unimodal.training.callbacks import Evaluation, Export, SampleGrid
+from unimodal.training.datamodules import ImageDataModule, SequenceDataModule
+from unimodal.training.loggers import RunConfig, build_loggers
+from unimodal.training.modules import TokenizerModule, TransformerModule
 
 
 def _primitive(value):

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from .grammar import SEGMENT_IMAGE, SEGMENT_TEXT, SegmentGrammar
-from .vocab import JointVocab
+from unimodal.lm.grammar import SEGMENT_IMAGE, SEGMENT_TEXT, SegmentGrammar
+from unimodal.lm.vocab import JointVocab
 
 
 @dataclass

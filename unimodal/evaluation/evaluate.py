@@ -20,12 +20,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .bundle import Bundle
-from .data import DataSource, ShapesConfig, images_to_tensor, load_pairs
-from .image_tokenizer import psnr
-from .judge import JudgeConfig, load_or_train_judge, scene_labels, scene_match
-from .quantizers import code_statistics
-from .sampling import SamplingParams, make_grid
+from unimodal.data.images import images_to_tensor
+from unimodal.data.pairs import DataSource, load_pairs
+from unimodal.data.shapes import ShapesConfig
+from unimodal.evaluation.judge import JudgeConfig, load_or_train_judge, scene_labels, scene_match
+from unimodal.generation.bundle import Bundle
+from unimodal.generation.sampling import SamplingParams
+from unimodal.tokenizers.image import psnr
+from unimodal.tokenizers.quantizers import code_statistics
+from unimodal.viz import make_grid
 
 SPLITS = ("test", "heldout")
 
@@ -84,8 +87,8 @@ def evaluate_bundle(
     generated = torch.cat(generated)  # (P * rerank, 3, R, R), grouped by caption
     extra = {}
     if rerank > 1:
-        from .rerank import rerank as keep_best
-        from .rerank import reranker_for
+        from unimodal.generation.rerank import rerank as keep_best
+        from unimodal.generation.rerank import reranker_for
 
         overrides = {"train_pairs": reranker_train_pairs} if reranker_train_pairs else {}
         scorer = reranker_for(bundle, reranker_dir or Path(judge_dir).parent / "reranker", **overrides)

@@ -1,4 +1,4 @@
-"""The bundle: a trained system in one folder, loaded by one call.
+"""The bundle: a trained system in one folder, loaded by one call, and text-to-image generation with it.
 
     bundle/
       bundle.json                 format marker and what is inside
@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from .image_tokenizer import ImageTokenizer
-from .sampling import SamplingParams, generate_images
-from .text_tokenizer import TextTokenizer
-from .vocab import JointVocab
+from unimodal.generation.sampling import SamplingParams, generate_codes
+from unimodal.lm.vocab import JointVocab
+from unimodal.tokenizers.image import ImageTokenizer
+from unimodal.tokenizers.text import TextTokenizer
 
 BUNDLE_FILE = "bundle.json"
 FORMAT = "unimodal-bundle/1"
@@ -85,3 +85,34 @@ class Bundle:
         if problems:
             raise ValueError(f"bundle {directory} is inconsistent: " + "; ".join(problems) + ". Re-export it.")
         return cls(text, image, vocab, transformer.to(device).eval())
+
+
+def image_codes(model, vocab, prompt_ids: list[list[int]], params: SamplingParams) -> torch.Tensor:
+    """Joint-id prompts (each `<bos> text <boi>`) -> code grids (B, h, w): the plain path (`generate()`),
+    or with `params.compile` the fast path (`generation.fast`: the same codes, an own compiled loop)."""
+    if params.compile:
+        from unimodal.generation.fast.decode import generate_codes_fast
+
+        return generate_codes_fast(model, vocab, prompt_ids, params)
+    return generate_codes(model, vocab, prompt_ids, params)
+
+
+@torch.no_grad()
+def generate_images(model, vocab, text_tokenizer, image_tokenizer, prompts: list[str], params: SamplingParams):
+    """Prompts -> images (P * images_per_prompt, 3, H, W) in [-1, 1], grouped by prompt.
+
+    Seeded without touching the caller's RNG state (a training run's RNG stays exact).
+    """
+    if not prompts:
+        raise ValueError("no prompts given")
+    rows = [vocab.prompt(text_tokenizer.encode(p)) for p in prompts for _ in range(params.images_per_prompt)]
+    was_training = model.training
+    model.eval()
+    images = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(params.seed)
+        for start in range(0, len(rows), params.batch_size):
+            codes = image_codes(model, vocab, rows[start : start + params.batch_size], params)
+            images.append(image_tokenizer.decode(codes.to(next(image_tokenizer.parameters()).device)).cpu())
+    model.train(was_training)
+    return torch.cat(images)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import pickle
 import sys
@@ -31,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command in ("tokenizer", "transformer"):
-        from . import fit
+        from unimodal.training import fit
 
         program = fit.TokenizerCLI if command == "tokenizer" else fit.TransformerCLI
         try:
@@ -52,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     if command not in commands:
         print(f"unimodal: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
-    from . import commands as cmds
+    from unimodal.cli import commands as cmds
 
     try:
         return getattr(cmds, commands[command])(rest) or 0
@@ -61,10 +60,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"unimodal {command}: error: {err}", file=sys.stderr)
         return 2
-
-
-def parser(prog: str, description: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=f"unimodal {prog}", description=description)
 
 
 if __name__ == "__main__":

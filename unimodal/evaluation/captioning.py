@@ -1,47 +1,17 @@
-"""Image -> text: captions from a bundle trained with both orders (`data.i2t_fraction > 0`).
+"""Captioning accuracy on the built-in shapes splits.
 
-The prompt is `<bos> <boi> codes <eoi>`; the grammar (with `require_caption`) lets only text ids
-follow, at least one, then `<eos>` within the text budget. Captioning accuracy on the built-in
-shapes splits parses colour, shape, size and position back out of each caption and scores it
-exactly like the judge scores generated images (`judge.scene_match`).
+Each caption is parsed back into colour, shape, size and position per object and scored exactly
+like the judge scores generated images (`judge.scene_match`).
 """
 
 from __future__ import annotations
 
-import torch
-
-from .data import COLORS, POSITIONS, SHAPES, SIZES, DataSource, ShapesConfig, images_to_tensor, load_pairs
-from .grammar import SegmentGrammar
-from .judge import scene_labels, scene_match
-from .sampling import SamplingParams, generate_ids
-
-
-def caption_images(bundle, images: torch.Tensor, params: SamplingParams | None = None) -> list[str]:
-    """Images (B, 3, H, W) in [-1, 1] at the tokenizer's resolution -> one caption each."""
-    params = params or SamplingParams(greedy=True)
-    vocab = bundle.vocab
-    if not vocab.image_to_text:
-        raise ValueError(
-            "this bundle was trained text-to-image only; train with data.i2t_fraction > 0 to caption images"
-        )
-    if params.cfg_scale != 1.0:
-        raise ValueError("cfg_scale applies to text-to-image sampling; caption with cfg_scale=1")
-    grammar = SegmentGrammar(vocab, require_caption=True)
-    model, tok = bundle.transformer, bundle.image_tokenizer
-    was_training = model.training
-    model.eval()
-    captions = []
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(params.seed)
-        for start in range(0, images.shape[0], params.batch_size):
-            chunk = images[start : start + params.batch_size].to(next(tok.parameters()).device)
-            rows = [vocab.caption_prompt(c) for c in tok.encode(chunk).cpu()]
-            new = generate_ids(model, vocab, rows, params, vocab.max_text_tokens + 1, grammar)  # (B, T+1)
-            for ids in new.tolist():
-                ids = ids[: ids.index(vocab.eos)] if vocab.eos in ids else ids
-                captions.append(bundle.text_tokenizer.decode([i for i in ids if i < vocab.text_size]).strip())
-    model.train(was_training)
-    return captions
+from unimodal.data.images import images_to_tensor
+from unimodal.data.pairs import DataSource, load_pairs
+from unimodal.data.shapes import COLORS, POSITIONS, SHAPES, SIZES, ShapesConfig
+from unimodal.evaluation.judge import scene_labels, scene_match
+from unimodal.generation.caption import caption_images
+from unimodal.generation.sampling import SamplingParams
 
 
 def parse_caption(caption: str) -> dict[str, list[str]]:

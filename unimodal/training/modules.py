@@ -1,4 +1,4 @@
-"""Thin LightningModules over the plain models, and the callbacks the fit runs use.
+"""Thin LightningModules over the plain models: steps, optimizers, metrics, logging.
 
 The math lives in `image_tokenizer`, `model` and `grammar`; here are only steps, optimizers,
 metrics and logging. Metric keys: `train/...`, `val/...`.
@@ -6,25 +6,23 @@ metrics and logging. Metric keys: `train/...`, `val/...`.
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import get_cosine_schedule_with_warmup
 
-from .bundle import Bundle
-from .grammar import SegmentGrammar
-from .image_tokenizer import ImageTokenizer, ImageTokenizerConfig, psnr, ssim
-from .loggers import log_image
-from .model import TransformerConfig, build_transformer, sequence_loss
-from .quantizers import code_statistics
-from .sampling import SamplingParams, make_grid
-from .tokenizer_losses import PatchDiscriminator, adaptive_weight, generator_adv_loss, hinge_d_loss
-from .vocab import JointVocab
+from unimodal.generation.bundle import Bundle
+from unimodal.lm.grammar import SegmentGrammar
+from unimodal.lm.transformer import TransformerConfig, build_transformer, sequence_loss
+from unimodal.lm.vocab import JointVocab
+from unimodal.tokenizers.image import ImageTokenizer, ImageTokenizerConfig, psnr, ssim
+from unimodal.tokenizers.losses import PatchDiscriminator, adaptive_weight, generator_adv_loss, hinge_d_loss
+from unimodal.tokenizers.quantizers import code_statistics
+from unimodal.training.loggers import log_image
+from unimodal.viz import make_grid, usage_histogram
 
 
 def _use_fused(trainer) -> bool:
@@ -160,27 +158,6 @@ class TokenizerModule(_ResumeOnThisDevice, L.LightningModule):
         return self.tokenizer.save_pretrained(directory)
 
 
-def usage_histogram(counts: torch.Tensor):
-    """Per-code use counts (K,) -> a PIL bar chart, codes sorted by use (log scale)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    fig, ax = plt.subplots(figsize=(6, 2.5), dpi=100)
-    ordered = counts.sort(descending=True).values.numpy()
-    ax.bar(range(len(ordered)), ordered + 1, width=1.0)
-    ax.set_yscale("log")
-    ax.set_xlabel(f"code rank ({int((counts > 0).sum())}/{len(ordered)} used)")
-    ax.set_ylabel("uses + 1")
-    fig.tight_layout()
-    fig.canvas.draw()
-    image = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())).convert("RGB")
-    plt.close(fig)
-    return image
-
-
 class TransformerModule(_ResumeOnThisDevice, L.LightningModule):
     """Stage 2: the decoder-only transformer over joint sequences.
 
@@ -285,178 +262,3 @@ class TransformerModule(_ResumeOnThisDevice, L.LightningModule):
 
     def export(self, directory: Path, datamodule) -> Path:
         return self.bundle(datamodule).save(directory)
-
-
-class Export(L.Callback):
-    """Writes the trained artifact at the end of fit: the image tokenizer folder (stage 1) or the
-    bundle (stage 2), into `dir` (default: `{run.root}/{run.name}/export`)."""
-
-    def __init__(self, dir: str | None = None):
-        self.dir = dir
-
-    def on_fit_end(self, trainer, pl_module):
-        if trainer.is_global_zero and not trainer.interrupted:
-            path = pl_module.export(Path(self.dir), trainer.datamodule)
-            print(f"exported {type(pl_module).__name__.replace('Module', '').lower()} -> {path}")
-
-
-class SampleGrid(L.Callback):
-    """After each validation, generates images for fixed prompts and logs the grid (W&B + PNG file).
-
-    Args:
-        prompts: captions to draw; the same ones every validation, so runs are comparable.
-        images_per_prompt: samples per caption.
-        temperature: sampling temperature.
-        top_k: keep the k most likely ids (None = all allowed ids).
-        seed: sampling seed (the training RNG is not touched).
-        out_dir: folder for `samples_step{N}.png` (default: the run folder).
-    """
-
-    def __init__(
-        self,
-        prompts: list[str] | None = None,
-        images_per_prompt: int = 4,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        seed: int = 0,
-        out_dir: str | None = None,
-    ):
-        self.prompts = prompts or []
-        self.params = SamplingParams(
-            temperature=temperature, top_k=top_k, seed=seed, images_per_prompt=images_per_prompt
-        )
-        self.out_dir = out_dir
-
-    def on_validation_epoch_end(self, trainer, pl_module):
-        if trainer.sanity_checking or not self.prompts or not trainer.is_global_zero:
-            return
-        images = pl_module.bundle(trainer.datamodule).generate(self.prompts, self.params)
-        labels = [p for p in self.prompts for _ in range(self.params.images_per_prompt)]
-        grid = make_grid(images, labels, ncol=self.params.images_per_prompt * 2)
-        if self.out_dir:
-            Path(self.out_dir).mkdir(parents=True, exist_ok=True)
-            grid.save(Path(self.out_dir) / f"samples_step{trainer.global_step}.png")
-        log_image(trainer.loggers, "val/samples", grid, trainer.global_step)
-
-
-_NOT_METRICS = ("num_captions", "rerank_candidates")  # evaluation settings, not results
-
-
-class Evaluation(L.Callback):
-    """At the end of fit, evaluates the trained system on built-in shapes splits (`evaluate.py`: caption
-    fidelity, judge accuracy on real images, the tokenizer's PSNR and fidelity ceiling) and logs
-    `eval/{split}/...` to every logger: a row of metrics.csv, the W&B run summary, and a W&B table of
-    prompts, generated images and the judge's reading. Also writes `eval_{split}.json` and `.png` into
-    the run folder. Off while `splits` is empty; needs the shapes data source.
-
-    Args:
-        splits: shapes splits to evaluate, e.g. [test, heldout] (empty = off).
-        num_captions: captions generated per split.
-        temperature: sampling temperature.
-        top_k: keep the k most likely allowed ids (None = all).
-        cfg_scale: classifier-free guidance scale (1 = off; needs data.caption_dropout > 0).
-        seed: sampling seed.
-        rerank: candidates per caption; the contrastive scorer of `rerank.py` (trained on the train
-            split, cached in `{run.root}/reranker`) keeps the best (1 = off). The first candidate's
-            fidelity is logged too, as `eval/{split}/caption_fidelity_without_rerank`.
-        judge_dir: judge cache (default: `{run.root}/judge`, shared by the runs of a family).
-        judge_train_images: generated scenes the judge trains on (once per cache).
-        reranker_train_pairs: training pairs the reranker trains on (once per cache).
-        table_rows: rows per split in the W&B table.
-    """
-
-    def __init__(
-        self,
-        splits: list[str] | None = None,
-        num_captions: int = 200,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        cfg_scale: float = 1.0,
-        seed: int = 0,
-        rerank: int = 1,
-        judge_dir: str | None = None,
-        judge_train_images: int = 8000,
-        reranker_train_pairs: int = 20000,
-        table_rows: int = 32,
-    ):
-        from .evaluate import SPLITS
-
-        self.splits = list(splits or [])
-        unknown = [s for s in self.splits if s not in SPLITS]
-        if unknown:
-            raise ValueError(f"evaluation.splits takes {list(SPLITS)}, got {unknown}")
-        self.num_captions, self.judge_dir, self.table_rows = num_captions, judge_dir, table_rows
-        self.judge_train_images = judge_train_images
-        if rerank < 1:
-            raise ValueError(f"evaluation.rerank is the number of candidates per caption (>= 1), got {rerank}")
-        self.rerank, self.reranker_train_pairs = rerank, reranker_train_pairs
-        self.params = SamplingParams(temperature=temperature, top_k=top_k, cfg_scale=cfg_scale, seed=seed)
-        self._start = None
-
-    def on_fit_start(self, trainer, pl_module):
-        self._start = time.perf_counter()
-
-    def on_train_end(self, trainer, pl_module):
-        """After the last step, while the model is still on its device (Lightning moves it to CPU before
-        `on_fit_end`). `eval/fit_minutes` is the wall time of this fit session (after a resume: since it)."""
-        if not self.splits or trainer.interrupted or not trainer.is_global_zero:
-            return
-        from .evaluate import evaluate_bundle, write_json
-        from .judge import JudgeConfig
-
-        dm = trainer.datamodule
-        if getattr(getattr(dm, "source", None), "name", None) != "shapes":
-            print("evaluation: skipped (it scores the built-in shapes splits; this run trains on other data)")
-            return
-        minutes = (time.perf_counter() - self._start) / 60 if self._start else float("nan")
-        run_dir = Path(trainer.default_root_dir)
-        shapes = dm.source.shapes
-        judge = JudgeConfig(shapes.resolution, shapes.background, train_images=self.judge_train_images)
-        bundle = pl_module.bundle(dm)
-        was_training = bundle.transformer.training
-        bundle.transformer.eval()
-        metrics, tables = {"eval/fit_minutes": minutes}, {}
-        try:
-            for split in self.splits:
-                details = {}
-                result = evaluate_bundle(
-                    bundle, split, self.judge_dir or run_dir.parent / "judge", self.num_captions, self.params,
-                    shapes=shapes, grid_path=run_dir / f"eval_{split}.png", details=details, judge_config=judge,
-                    rerank=self.rerank, reranker_train_pairs=self.reranker_train_pairs,
-                )  # fmt: skip
-                write_json(result, run_dir / f"eval_{split}.json")
-                for key, value in result.items():
-                    if isinstance(value, int | float) and not isinstance(value, bool) and key not in _NOT_METRICS:
-                        metrics[f"eval/{split}/{key}"] = float(value)
-                for key, value in result["fidelity_by_attribute"].items():
-                    metrics[f"eval/{split}/fidelity_{key}"] = value
-                tables[split] = details
-        finally:
-            bundle.transformer.train(was_training)
-        for lg in trainer.loggers:
-            lg.log_metrics(metrics, step=trainer.global_step)
-            lg.save()
-        _log_eval_tables(trainer.loggers, tables, metrics, self.table_rows)
-        print("evaluation: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.endswith("fidelity")))
-
-
-def _log_eval_tables(loggers, tables: dict, metrics: dict, rows: int):
-    """W&B only: the final metrics into the run summary and one table of generated samples."""
-    from lightning.pytorch.loggers import WandbLogger
-    from PIL import Image
-
-    from .data import tensor_to_image
-    from .judge import describe
-
-    for lg in loggers:
-        if not isinstance(lg, WandbLogger):
-            continue
-        import wandb
-
-        table = wandb.Table(columns=["split", "prompt", "image", "judged", "match"])
-        for split, d in tables.items():
-            for i in range(min(rows, len(d["captions"]))):
-                image = wandb.Image(tensor_to_image(d["images"][i]).resize((128, 128), Image.Resampling.NEAREST))
-                table.add_data(split, d["captions"][i], image, describe(d["judged"], i), bool(d["match"][i]))
-        lg.experiment.log({"eval/samples": table})
-        lg.experiment.summary.update(metrics)

@@ -1,4 +1,4 @@
-"""`unimodal demo`: the whole pipeline on the built-in shapes, with the configs in experiments/shapes/.
+"""`unimodal demo`: the whole pipeline on the built-in shapes, with the recipe shipped in unimodal/configs/.
 
 1. stage 1 fit run: image tokenizer        -> OUT/runs/shapes-tokenizer/export
 2. stage 2 fit run: BPE + pre-tokenizing + transformer -> OUT/runs/shapes-transformer/export (the bundle)
@@ -13,7 +13,16 @@ import json
 import time
 from pathlib import Path
 
-EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments" / "shapes"
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # shipped with the package
+
+DEMO_PROMPTS = [
+    "a large red circle at the top left",
+    "a large blue square at the bottom right",
+    "a large green triangle at the top right",
+    "a large yellow cross at the bottom left",
+    "purple circle, bottom right, large",
+    "a large cyan square at the top left and a small red triangle at the bottom right",
+]
 
 QUICK = [  # a smoke run of the same pipeline (under a minute on 2 CPU cores): the pipeline, not the model
     "--trainer.max_steps", "40", "--trainer.val_check_interval", "20", "--data.batch_size", "16",
@@ -23,18 +32,15 @@ QUICK = [  # a smoke run of the same pipeline (under a minute on 2 CPU cores): t
 
 
 def run_demo(out: Path, wandb: str = "auto", quick: bool = False) -> dict:
-    from .bundle import Bundle
-    from .commands import DEMO_PROMPTS
-    from .compare import compare
-    from .evaluate import evaluate_bundle, write_json
-    from .fit import TokenizerCLI, TransformerCLI
-    from .judge import JudgeConfig
-    from .loggers import finish_wandb
-    from .sampling import SamplingParams, make_grid
+    from unimodal.evaluation.compare import compare
+    from unimodal.evaluation.evaluate import evaluate_bundle, write_json
+    from unimodal.evaluation.judge import JudgeConfig
+    from unimodal.generation.bundle import Bundle
+    from unimodal.generation.sampling import SamplingParams
+    from unimodal.training.fit import TokenizerCLI, TransformerCLI
+    from unimodal.training.loggers import finish_wandb
+    from unimodal.viz import make_grid
 
-    for name in ("tokenizer.yaml", "transformer.yaml"):
-        if not (EXPERIMENTS / name).is_file():
-            raise FileNotFoundError(f"{EXPERIMENTS / name} is missing: run the demo from a clone of the repository")
     out = out.resolve()
     runs = out / "runs"
     common = ["--run.root", str(runs), "--run.wandb", wandb, "--data.source.cache_dir", str(out / "hf_cache")]
@@ -42,14 +48,14 @@ def run_demo(out: Path, wandb: str = "auto", quick: bool = False) -> dict:
     timings = {}
 
     start = time.perf_counter()
-    TokenizerCLI(args=["fit", "--config", str(EXPERIMENTS / "tokenizer.yaml"), *common])
+    TokenizerCLI(args=["fit", "--config", str(CONFIGS / "shapes-tokenizer.yaml"), *common])
     finish_wandb()
     timings["stage1_s"] = time.perf_counter() - start
     tokenizer_dir = runs / "shapes-tokenizer" / "export"
 
     start = time.perf_counter()
     TransformerCLI(args=[
-        "fit", "--config", str(EXPERIMENTS / "transformer.yaml"), *common,
+        "fit", "--config", str(CONFIGS / "shapes-transformer.yaml"), *common,
         "--data.image_tokenizer", str(tokenizer_dir),
         "--data.text_tokenizer", str(runs / "shapes-transformer" / "text_tokenizer"),
     ])  # fmt: skip

@@ -1,0 +1,1 @@
+"""The `unimodal` command: argument parsing (`main`), subcommands, the demo and experiment sweeps."""
