@@ -25,8 +25,8 @@ class TransformerConfig:
     ffn_hidden: int = 512
     dropout: float = 0.0
     rope_theta: float = 10000.0
-    # key/value heads: 1 (multi-query attention) by default since session 17 - as good or better than
-    # one per query head in the shapes recipes, and a 4x smaller cache to read per sampling step
+    # key/value heads: 1 (multi-query attention) by default - as good or better than one per query
+    # head in the shapes recipes, and a 4x smaller cache to read per sampling step
     # (experiments/shapes/results.md); None: n_heads (multi-head), between: grouped-query
     n_kv_heads: int | None = 1
 

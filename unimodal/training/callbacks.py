@@ -124,7 +124,7 @@ class Evaluation(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         """After the last step, while the model is still on its device (Lightning moves it to CPU before
-        `on_fit_end`). `eval/fit_minutes` is the wall time of this fit session (after a resume: since it)."""
+        `on_fit_end`). `eval/fit_minutes` is the wall time of this fit (after a resume: since the resume)."""
         if not self.splits or trainer.interrupted or not trainer.is_global_zero:
             return
         from unimodal.evaluation.evaluate import evaluate_bundle, write_json

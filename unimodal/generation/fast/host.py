@@ -13,7 +13,7 @@ def keep_freed_memory(mmap_mb: int = 4, trim_mb: int = 64) -> bool:
     own adaptive thresholds some came back as fresh pages, 17-47 page faults per step, with these
     none: process pairs, batch-64 compiled step 4.56 / 3.76 / 3.54 / 3.91 -> 3.71 / 3.80 / 3.73 / 3.73
     ms (experiments/generation/results.md). The cost: up to `trim_mb` of freed memory stays with the
-    process. `unimodal sample` (on CPU) and `bench sample` call it; a library caller decides for itself.
+    process. `unimodal sample --compile` (on CPU) and `bench sample` call it; a library caller decides for itself.
     Returns whether glibc took both settings: False where the C library is not glibc (nothing
     changed); under a preloaded malloc such as jemalloc glibc takes them and they change nothing."""
     try:
