@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from unimodal.tokenizers.image import CONFIG_FILE, ImageTokenizer, ImageTokenizerConfig
 from unimodal.tokenizers.quantizers import QUANTIZERS
 
-from .common import measured_peak_flops, print_table, time_it
+from .common import describe_peak, measured_peak_flops, peak_info, print_table, time_it
 
 # The architecture of experiments/tokenizers/vq.yaml; only the quantizer changes between variants.
 BASE = dict(resolution=32, channels=16, channel_mult=[2, 4], num_res_blocks=1, code_dim=32, codebook_size=1024)
@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         models = [(f"fresh-{v}", _fresh(v)) for v in args.variants]
     rows = [row for label, tok in models for row in bench_one(label, tok, args.batch_sizes, peak, args.device,
                                                                 args.repeats)]  # fmt: skip
-    extra = {"device": args.device, "peak_flops": peak, "threads": torch.get_num_threads()}
+    extra = {"device": args.device, "peak_flops": peak, "peak": peak_info(peak), "threads": torch.get_num_threads()}
+    print(f"{args.device}: measured peak {peak / 1e9:.1f} GFLOP/s{describe_peak(peak)}")
     print_table(f"image tokenizer throughput ({args.device}, peak {peak / 1e9:.1f} GFLOP/s)", rows, args.json, extra)
     return 0

@@ -22,7 +22,16 @@ import torch
 from unimodal.lm.vocab import JointVocab
 from unimodal.training.modules import TokenizerModule, TransformerModule
 
-from .common import add_model_args, default_device, measured_peak_flops, model_config, print_table, sync
+from .common import (
+    add_model_args,
+    default_device,
+    describe_peak,
+    measured_peak_flops,
+    model_config,
+    peak_info,
+    print_table,
+    sync,
+)
 
 
 def synthetic_batches(vocab: JointVocab, batch_size: int, text_len: int, n: int, seed: int = 0) -> list[dict]:
@@ -169,13 +178,14 @@ def main(argv: list[str]) -> int:
     images = [torch.rand(args.batch_size, 3, 32, 32) * 2 - 1 for _ in range(args.steps)]
     stage1 = lightning_loop(TokenizerModule(), images, args.warmup, device=device)
     ratio = rows[2]["tokens/s"] / rows[0]["tokens/s"]
-    extra = {"device": device, "peak_flops": peak, "bf16_peak_flops": bf16_peak, "seq_len": seq_len,
+    extra = {"device": device, "peak_flops": peak, "bf16_peak_flops": bf16_peak, "peak": peak_info(peak),
+             "bf16_peak": peak_info(bf16_peak), "seq_len": seq_len,
              "flops_per_token": fpt, "lightning_over_bare": ratio,
              "stage1_images_per_s": args.batch_size / stage1}  # fmt: skip
     n_params = sum(p.numel() for p in module.model.parameters())
-    also = f" (bf16 {bf16_peak / 1e9:.1f})" if bf16_peak else ""
-    print(f"{device}: measured {peak_name} {peak / 1e9:.1f} GFLOP/s{also}; {n_params / 1e6:.1f}M params; "
-          f"seq_len {seq_len}; {fpt / 1e6:.2f} MFLOP/token")  # fmt: skip
+    also = f"; measured bf16 peak {bf16_peak / 1e9:.1f} GFLOP/s{describe_peak(bf16_peak)}" if bf16_peak else ""
+    print(f"{device}: measured {peak_name} {peak / 1e9:.1f} GFLOP/s{describe_peak(peak)}{also}; "
+          f"{n_params / 1e6:.1f}M params; seq_len {seq_len}; {fpt / 1e6:.2f} MFLOP/token")  # fmt: skip
     print_table(f"stage-2 training ({device})", rows, args.json, extra)
     print(f"\nLightning / bare tokens/s: {ratio:.3f}")
     print(
