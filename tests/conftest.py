@@ -1,50 +1,125 @@
-"""Shared fixtures: one tiny trained system (both stages through the real CLIs), built once per session."""
+"""Shared fixtures and helpers: a tiny untrained bundle (built in about a second), one tiny trained system
+(both stages through the real CLIs with the recipe shipped in unimodal/configs/, built once per test run;
+tests that use it are marked slow), and the arguments of tiny fit runs."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+import unimodal
+
+# The models here are tiny: one intra-op thread per process (this one, and the fits and DDP ranks it starts,
+# which inherit the variable) costs little on an idle machine and avoids long stalls on shared cores, where
+# every parallel region waits for its slowest, descheduled thread. A value set by the caller wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = Path(unimodal.__file__).resolve().parent / "configs"
+TOKENIZER_CONFIG, TRANSFORMER_CONFIG = CONFIGS / "shapes-tokenizer.yaml", CONFIGS / "shapes-transformer.yaml"
 TINY_DATA = [
     "--data.source.shapes.train_size", "256", "--data.source.shapes.test_size", "64",
     "--data.source.shapes.heldout_size", "32",
 ]  # fmt: skip
-EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments" / "shapes"
+QUIET = ["--run.wandb", "disabled", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+TINY_TRANSFORMER = ["--model.model.n_layers", "2", "--model.model.d_model", "64", "--model.model.ffn_hidden", "128"]
+
+
+def tokenizer_args(root: Path, cache: Path, name: str, *extra: str) -> list[str]:
+    """`unimodal tokenizer` arguments: a stage-1 fit of the shipped recipe on tiny data (K = 64)."""
+    return [
+        "fit", "--config", str(TOKENIZER_CONFIG), "--run.root", str(root), "--run.name", name, *QUIET,
+        "--data.source.cache_dir", str(cache), *TINY_DATA, "--model.model.codebook_size", "64", *extra,
+    ]  # fmt: skip
+
+
+def transformer_args(root: Path, cache: Path, tokenizer: Path, name: str, *extra: str) -> list[str]:
+    """`unimodal transformer` arguments: a stage-2 fit of the shipped recipe, a 2-layer model on tiny data.
+    The BPE tokenizer is trained by the first run under `root` and shared by the others there."""
+    return [
+        "fit", "--config", str(TRANSFORMER_CONFIG), "--run.root", str(root), "--run.name", name, *QUIET,
+        "--data.source.cache_dir", str(cache), *TINY_DATA, *TINY_TRANSFORMER,
+        "--data.image_tokenizer", str(tokenizer), "--data.text_tokenizer", str(root / "text_tokenizer"), *extra,
+    ]  # fmt: skip
 
 
 def fit_tokenizer(root: Path, cache: Path, steps: int = 30, name: str = "tok", extra=()) -> Path:
+    """A stage-1 fit in this process, validated once at its end; returns its export folder."""
     from unimodal.training.fit import TokenizerCLI
 
-    TokenizerCLI(args=[
-        "fit", "--config", str(EXPERIMENTS / "tokenizer.yaml"), "--run.root", str(root), "--run.name", name,
-        "--run.wandb", "disabled", "--data.source.cache_dir", str(cache), *TINY_DATA,
-        "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps // 2),
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--model.model.codebook_size", "64", *extra,
-    ])  # fmt: skip
+    every = ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps)]
+    TokenizerCLI(args=tokenizer_args(root, cache, name, *every, *extra))
     return root / name / "export"
 
 
 def fit_transformer(root: Path, cache: Path, tokenizer: Path, steps: int = 30, name: str = "lm", extra=()) -> Path:
+    """A stage-2 fit in this process, validated once at its end (with a 2-image sample grid); returns the
+    bundle folder."""
     from unimodal.training.fit import TransformerCLI
 
-    TransformerCLI(args=[
-        "fit", "--config", str(EXPERIMENTS / "transformer.yaml"), "--run.root", str(root), "--run.name", name,
-        "--run.wandb", "disabled", "--data.source.cache_dir", str(cache), *TINY_DATA,
-        "--data.image_tokenizer", str(tokenizer), "--data.text_tokenizer", str(root / "text_tokenizer"),
-        "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps // 2),
-        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-        "--model.model.n_layers", "2", "--model.model.d_model", "64", "--model.model.ffn_hidden", "128",
-        "--samples.prompts", "[a red circle at the top left]", "--samples.images_per_prompt", "2",
-        *extra,
-    ])  # fmt: skip
+    every = ["--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps)]
+    samples = ["--samples.prompts", "[a red circle at the top left]", "--samples.images_per_prompt", "2"]
+    TransformerCLI(args=transformer_args(root, cache, tokenizer, name, *every, *samples, *extra))
     return root / name / "export"
+
+
+class Started:
+    """A command running in a fresh process while this one goes on (the repository on its path, so that
+    `--trainer.callbacks` can name test callbacks); `result()` waits for it. Its output goes to a file:
+    a full pipe would stop it."""
+
+    def __init__(self, command: list[str], log: Path):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        self.log = log
+        with open(log, "w") as out:
+            self.process = subprocess.Popen(
+                command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def result(self, timeout: int = 600) -> tuple[int, str]:
+        """(exit code, the end of its output)."""
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise
+        return code, self.log.read_text()[-3000:]
+
+    def stop(self):
+        """Kills it and what it started (a DDP rank), if still running."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def start_unimodal(log: Path, *args: str) -> Started:
+    """`python -m unimodal ARGS`, as a user runs it, in a fresh process."""
+    return Started([sys.executable, "-m", "unimodal", *args], log)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "trained" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)  # it fits both stages (once per test run)
 
 
 @pytest.fixture(scope="session")
 def hf_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("hf_cache")
+    """The `datasets` cache of the tiny fits, with their shapes splits already in it (so that fits running
+    side by side read them, and none writes them while another does)."""
+    from unimodal.data.shapes import ShapesConfig, shapes_dataset
+
+    cache = tmp_path_factory.mktemp("hf_cache")
+    sizes = dict(zip(TINY_DATA[::2], TINY_DATA[1::2]))
+    shapes_dataset(ShapesConfig(**{k.rpartition(".")[2]: int(v) for k, v in sizes.items()}), cache_dir=str(cache))
+    return cache
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +132,30 @@ def trained(tmp_path_factory, hf_cache) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def bundle(trained):
+def tiny_bundle(tmp_path_factory) -> Path:
+    """The folder of an untrained bundle shaped like the demo's (32 px images as 8 x 8 codes of K = 64, BPE
+    on shapes captions, a 2-layer transformer): for what a bundle does, not what training taught it."""
+    import torch
+
+    from unimodal.data.shapes import COLORS, POSITIONS, SHAPES, SIZES
+    from unimodal.generation.bundle import Bundle
+    from unimodal.lm.transformer import TransformerConfig, build_transformer
+    from unimodal.lm.vocab import JointVocab
+    from unimodal.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
+    from unimodal.tokenizers.text import TextTokenizer
+
+    captions = [f"a {z} {c} {s} at the {p}" for z in SIZES for c in COLORS for s in SHAPES for p in POSITIONS]
+    text = TextTokenizer.train(captions, vocab_size=300)
+    torch.manual_seed(0)
+    image = ImageTokenizer(ImageTokenizerConfig(resolution=32, channels=8, codebook_size=64)).eval()
+    vocab = JointVocab(text_size=text.vocab_size, image_size=64, image_grid=image.grid, max_text_tokens=32)
+    transformer = build_transformer(TransformerConfig(n_layers=2, d_model=64, n_heads=4, ffn_hidden=128), vocab)
+    return Bundle(text, image, vocab, transformer.eval()).save(tmp_path_factory.mktemp("tiny") / "bundle")
+
+
+@pytest.fixture(scope="session")
+def bundle(tiny_bundle):
+    """The tiny untrained bundle, loaded."""
     from unimodal.generation.bundle import Bundle
 
-    return Bundle.load(trained["bundle"])
+    return Bundle.load(tiny_bundle)

@@ -1,9 +1,14 @@
+"""The bundle: the whole system in one folder; generation from it, saving and loading it, its parts
+loading with plain transformers, and refusing an inconsistent one."""
+
+import json
+
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from unimodal.generation.bundle import Bundle
-from unimodal.generation.sampling import SamplingParams, generate_codes
-from unimodal.lm.grammar import SegmentGrammar
+from unimodal.generation.sampling import SamplingParams
 
 PROMPTS = ["a large red circle at the top left", "blue square, bottom right, small", "🐱 unseen words"]
 
@@ -12,14 +17,6 @@ def test_generated_sequences_always_decode_to_images(bundle):
     images = bundle.generate(PROMPTS, SamplingParams(images_per_prompt=3, seed=1, top_k=5))
     r = bundle.image_tokenizer.config.resolution
     assert images.shape == (9, 3, r, r) and torch.isfinite(images).all()
-
-
-def test_cached_and_uncached_greedy_generation_agree(bundle):
-    v = bundle.vocab
-    rows = [v.prompt(bundle.text_tokenizer.encode(p)) for p in PROMPTS]  # different lengths: left padding
-    cached = generate_codes(bundle.transformer, v, rows, SamplingParams(greedy=True, use_cache=True))
-    uncached = generate_codes(bundle.transformer, v, rows, SamplingParams(greedy=True, use_cache=False))
-    assert torch.equal(cached, uncached)
 
 
 def test_sampling_is_seeded_and_leaves_global_rng_alone(bundle):
@@ -44,10 +41,10 @@ def test_bundle_save_load_gives_identical_samples(bundle, tmp_path):
     assert weights and all(w.endswith(".safetensors") for w in weights)
 
 
-def test_parts_load_with_plain_transformers(trained, bundle):
+def test_parts_load_with_plain_transformers(tiny_bundle, bundle):
     """No project code: transformers alone loads the transformer and the text tokenizer."""
-    model = AutoModelForCausalLM.from_pretrained(trained["bundle"] / "transformer")
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(trained["bundle"] / "text_tokenizer" / "tokenizer.json"))
+    model = AutoModelForCausalLM.from_pretrained(tiny_bundle / "transformer")
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(tiny_bundle / "text_tokenizer" / "tokenizer.json"))
     assert model.config.vocab_size == bundle.vocab.size
     ids = tok("a red circle")["input_ids"]
     assert ids == bundle.text_tokenizer.encode("a red circle")
@@ -55,9 +52,10 @@ def test_parts_load_with_plain_transformers(trained, bundle):
     assert torch.allclose(model(x).logits, bundle.transformer(x).logits)
 
 
-def test_grammar_is_respected_by_the_trained_model(bundle):
-    v, g = bundle.vocab, SegmentGrammar(bundle.vocab)
-    rows = [v.prompt(bundle.text_tokenizer.encode(p)) for p in PROMPTS]
-    codes = generate_codes(bundle.transformer, v, rows, SamplingParams(seed=0, temperature=2.0))
-    for prompt, c in zip(rows, codes):
-        assert g.is_valid(v.text_to_image_sequence(prompt[1:-1], c))
+def test_bundle_with_mismatched_vocab_is_refused(bundle, tmp_path):
+    bundle.save(tmp_path / "b")
+    vocab = json.loads((tmp_path / "b" / "vocab.json").read_text())
+    vocab["image_size"] += 1
+    (tmp_path / "b" / "vocab.json").write_text(json.dumps(vocab))
+    with pytest.raises(ValueError, match="inconsistent.*image tokenizer has K="):
+        Bundle.load(tmp_path / "b")

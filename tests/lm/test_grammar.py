@@ -1,7 +1,13 @@
+"""The grammar: which ids may follow which, in both orders, as states, allowed sets and a logits processor."""
+
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import LogitsProcessorList
+
 from unimodal.lm.grammar import (
+    CAPTION_START,
     DONE,
     END,
     IMAGE,
@@ -13,30 +19,10 @@ from unimodal.lm.grammar import (
     SegmentGrammar,
     _unique_rows,
 )
-
-from unimodal.lm.transformer import TransformerConfig, build_transformer, sequence_loss
+from unimodal.lm.transformer import TransformerConfig, build_transformer
 from unimodal.lm.vocab import JointVocab
 
 VOCAB = JointVocab(text_size=50, image_size=20, image_grid=(2, 3), max_text_tokens=5)
-
-
-def test_vocab_layout_and_round_trip():
-    v = VOCAB
-    specials = [v.bos, v.boi, v.eoi, v.eos, v.pad]
-    assert len(set(specials)) == 5 and min(specials) == v.special_offset and max(specials) == v.size - 1
-    codes = torch.randint(0, 20, (4, 2, 3))
-    ids = v.codes_to_ids(codes)
-    assert ids.shape == (4, 6) and v.is_image(ids).all() and not v.is_text(ids).any()
-    assert torch.equal(v.ids_to_codes(ids), codes)
-    seq = v.text_to_image_sequence([3, 4, 5], codes[0])
-    assert seq[0] == v.bos and seq[4] == v.boi and seq[-2:] == [v.eoi, v.eos]
-    text, flat = v.split_sequence(seq)
-    assert text == [3, 4, 5] and flat == codes[0].flatten().tolist()
-    assert JointVocab.from_dict(v.to_dict()) == v
-    with pytest.raises(ValueError, match="outside the image range"):
-        v.ids_to_codes(torch.tensor([[1, 2, 3, 4, 5, 6]]))
-    long = v.text_to_image_sequence(list(range(9)), codes[0])  # text over budget is truncated
-    assert long[1 : 1 + v.max_text_tokens + 1] == [0, 1, 2, 3, 4, v.boi]
 
 
 def test_grammar_states_along_a_sequence():
@@ -66,6 +52,21 @@ def test_allowed_sets_are_exactly_the_grammar():
     assert allowed([v.pad, v.pad, v.bos, 3]) == text_ids | {v.boi}  # left padding is ignored
 
 
+def test_image_range_is_what_every_image_step_allows_and_refuses_other_states():
+    v, g = VOCAB, SegmentGrammar(VOCAB)
+    prompts = torch.tensor([[v.pad, v.bos, 1, v.boi], [v.bos, 2, 3, v.boi]])  # left-padded, both after <boi>
+    lo, hi = g.image_range(prompts)
+    expected = torch.zeros(v.size, dtype=torch.bool)
+    expected[lo:hi] = True
+    for k in range(v.image_tokens):  # every step inside the image allows exactly [lo, hi)
+        prefix = torch.cat([prompts, torch.full((2, k), lo)], 1)
+        assert torch.equal(g.allowed_next(prefix), expected.expand(2, -1))
+    with pytest.raises(ValueError, match="start of an image"):
+        g.image_range(torch.tensor([[v.bos, 1, 2]]))  # still in the caption
+    with pytest.raises(ValueError, match="start of an image"):
+        g.image_range(torch.tensor([[v.bos, v.boi, lo]]))  # one code already drawn
+
+
 @pytest.mark.parametrize("top_k", [None, 1, 3])
 def test_untrained_model_never_samples_a_forbidden_id(top_k):
     """An untrained model puts mass everywhere; the processor alone must keep every sequence legal."""
@@ -89,23 +90,6 @@ def test_untrained_model_never_samples_a_forbidden_id(top_k):
     for row in free.tolist():
         row = row[: row.index(v.eos) + 1] if v.eos in row else row
         assert g.is_valid(row), row
-
-
-def test_segment_weights_and_grammar_masked_loss():
-    v, g = VOCAB, SegmentGrammar(VOCAB)
-    torch.manual_seed(0)
-    seqs = torch.tensor([v.text_to_image_sequence([1, 2, 3], torch.randint(0, 20, (2, 3))) for _ in range(4)])
-    mask = torch.ones_like(seqs)
-    logits = torch.randn(*seqs.shape, v.size)
-    plain, parts = sequence_loss(logits, seqs, mask, g, {"text": 1, "image": 1}, mask_by_grammar=False)
-    masked, _ = sequence_loss(logits, seqs, mask, g, {"text": 1, "image": 1}, mask_by_grammar=True)
-    assert torch.isfinite(masked) and masked < plain  # renormalising over allowed ids only lowers CE
-    assert parts["image"][1] == 4 * v.image_tokens and parts["text"][1] == 4 * (len(seqs[0]) - 1 - v.image_tokens)
-    image_only, _ = sequence_loss(logits, seqs, mask, g, {"text": 0, "image": 1}, mask_by_grammar=False)
-    assert torch.isclose(image_only, parts["image"][0] / parts["image"][1])
-    mask[:, -2:] = 0  # padded targets (here <eoi> <eos>) do not count
-    _, parts_pad = sequence_loss(logits, seqs, mask, g, {"text": 1, "image": 1}, mask_by_grammar=True)
-    assert parts_pad["text"][1] == parts["text"][1] - 4 * 2
 
 
 @pytest.mark.parametrize("image_to_text", [False, True])
@@ -159,3 +143,19 @@ def test_processor_with_every_row_alike_and_with_rows_apart():
         for t in range(3, ids.shape[1] + 1):
             got = processor(ids[:, :t], torch.zeros(ids.shape[0], v.size)) == 0
             assert torch.equal(got, g.allowed_next(ids[:, :t])), t
+
+
+def test_both_orders_obey_the_grammar_and_t2i_only_vocab_is_unchanged():
+    v = JointVocab(text_size=50, image_size=20, image_grid=(3, 3), max_text_tokens=6, image_to_text=True)
+    g = SegmentGrammar(v)
+    codes = torch.arange(9).view(3, 3)
+    t2i, i2t = v.text_to_image_sequence([1, 2], codes), v.image_to_text_sequence([3, 4], codes)
+    assert g.is_valid(t2i) and g.is_valid(i2t) and g.is_valid(v.text_to_image_sequence([], codes))
+    assert not g.is_valid(t2i[:-1] + [7, v.eos])  # a caption after the image when one came before
+    assert g.states(torch.tensor([v.caption_prompt(codes)]))[0, -1] == CAPTION_START
+    assert not SegmentGrammar(v, require_caption=True).is_valid(v.text_to_image_sequence([], codes))
+    old = SegmentGrammar(replace(v, image_to_text=False))
+    assert old.states(torch.tensor([v.caption_prompt(codes)]))[0, -1] == END and not old.is_valid(i2t)
+    assert v.split_sequence(i2t) == ([3, 4], codes.flatten().tolist())
+    with pytest.raises(ValueError, match="image_to_text"):
+        SegmentGrammar(replace(v, image_to_text=False), require_caption=True)

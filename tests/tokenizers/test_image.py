@@ -1,24 +1,11 @@
+"""The image tokenizer: shapes and dtypes, codes round-tripping through the codebook, save/load, SSIM,
+and a trained tokenizer reconstructing better than an untrained one."""
+
 import torch
-from transformers import PreTrainedTokenizerFast
 
+from unimodal.data.images import images_to_tensor
 from unimodal.data.shapes import ShapesConfig, shapes_dataset
-from unimodal.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
-from unimodal.tokenizers.text import TextTokenizer
-
-TEXTS = ["a small red circle at the top left", "blue square, bottom right, large"] * 20
-
-
-def test_bpe_round_trip_and_transformers_loading(tmp_path):
-    tok = TextTokenizer.train(TEXTS, vocab_size=300)
-    tok.save(tmp_path)
-    hf = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
-    for text in TEXTS[:2] + ["emoji 🐱 and 日本語, unseen words!"]:
-        ids = tok.encode(text)
-        assert max(ids) < tok.vocab_size
-        assert tok.decode(ids) == text  # byte-level: any text survives
-        assert hf(text)["input_ids"] == ids
-    assert TextTokenizer.load(tmp_path).encode(TEXTS[0]) == tok.encode(TEXTS[0])
-    assert len(tok.encode(TEXTS[0])) < len(TEXTS[0].split()) * 2  # merges learned: words are few tokens
+from unimodal.tokenizers.image import ImageTokenizer, ImageTokenizerConfig, psnr, ssim
 
 
 def test_image_tokenizer_shapes_and_dtypes():
@@ -50,9 +37,6 @@ def test_image_tokenizer_save_load_identical(tmp_path):
 
 
 def test_trained_tokenizer_reconstructs_better_than_untrained(trained, hf_cache):
-    from unimodal.data.images import images_to_tensor
-    from unimodal.tokenizers.image import psnr
-
     tok = ImageTokenizer.from_pretrained(trained["tokenizer"])
     fresh = ImageTokenizer(tok.config).eval()
     ds = shapes_dataset(ShapesConfig(train_size=256, test_size=64, heldout_size=32), cache_dir=str(hf_cache))
@@ -60,3 +44,13 @@ def test_trained_tokenizer_reconstructs_better_than_untrained(trained, hf_cache)
     trained_psnr = psnr(tok.decode(tok.encode(x)), x).mean()
     fresh_psnr = psnr(fresh.decode(fresh.encode(x)), x).mean()
     assert trained_psnr > fresh_psnr + 3
+
+
+def test_ssim_sanity():
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.allclose(ssim(x, x), torch.ones(2), atol=1e-5)
+    slightly = ssim(x, x + 0.05 * torch.randn_like(x))
+    very = ssim(x, x + 0.5 * torch.randn_like(x))
+    assert (very < slightly).all() and (slightly < 1).all()
+    assert torch.allclose(ssim(x, x.flip(0)), ssim(x.flip(0), x), atol=1e-6)  # symmetric

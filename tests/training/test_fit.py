@@ -1,13 +1,16 @@
-"""Tiny fit runs of both stages through the real LightningCLI programs."""
+"""Fit runs of both stages through the real LightningCLI programs: losses fall, metrics and exports are
+written, configs are checked, a non-finite loss stops the run with one line."""
 
 import csv
 
 import pytest
+import torch
 
+from unimodal.cli.main import main
 from unimodal.evaluation.compare import read_curves
-from unimodal.training.fit import TransformerCLI
+from unimodal.training.fit import FiniteLossGuard, NonFiniteLossError, TransformerCLI
 
-from .conftest import EXPERIMENTS
+from ..conftest import TRANSFORMER_CONFIG, fit_tokenizer, fit_transformer, tokenizer_args
 
 
 def _first_last(run_dir, key):
@@ -38,9 +41,9 @@ def test_transformer_fit_lowers_its_loss_and_logs_segments(trained):
     assert (trained["bundle"] / "bundle.json").is_file()
 
 
-def test_print_config_parses_the_experiment(capsys):
+def test_print_config_parses_the_shipped_recipe(capsys):
     with pytest.raises(SystemExit) as exit_:
-        TransformerCLI(args=["fit", "--config", str(EXPERIMENTS / "transformer.yaml"), "--print_config"])
+        TransformerCLI(args=["fit", "--config", str(TRANSFORMER_CONFIG), "--print_config"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "grammar_loss_mask: true" in out and "d_model: 192" in out
@@ -50,7 +53,7 @@ def test_unknown_config_key_is_a_clear_error(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  model:\n    n_layerz: 3\n")
     with pytest.raises(SystemExit) as exit_:
-        TransformerCLI(args=["fit", "--config", str(EXPERIMENTS / "transformer.yaml"), "--config", str(bad)])
+        TransformerCLI(args=["fit", "--config", str(TRANSFORMER_CONFIG), "--config", str(bad)])
     assert exit_.value.code != 0
     assert "n_layerz" in capsys.readouterr().err
 
@@ -61,30 +64,29 @@ def test_metrics_csv_has_a_header_with_val_keys(trained):
     assert "train/loss" in header and "val/loss_image" in header
 
 
-def test_resume_from_last_checkpoint_continues_the_step_count(trained, hf_cache):
-    """`--ckpt_path` restores the run: a resumed fit picks up at the checkpoint's step."""
-    import torch
+def test_nonfinite_loss_stops_before_backward(tmp_path):
+    class Trainer:
+        default_root_dir = str(tmp_path)
+        global_step = 41
 
-    from .conftest import fit_tokenizer
-
-    root = trained["root"]
-    fit_tokenizer(root, hf_cache, steps=10, name="resume")
-    last = root / "resume" / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=True, map_location="cpu")["global_step"] == 10
-    fit_tokenizer(root, hf_cache, steps=20, name="resume", extra=["--ckpt_path", str(last)])
-    assert torch.load(last, weights_only=True, map_location="cpu")["global_step"] == 20
+    with pytest.raises(NonFiniteLossError, match="loss became nan at step 41; no checkpoint was written yet"):
+        FiniteLossGuard().on_before_backward(Trainer(), None, torch.tensor(float("nan")))
+    FiniteLossGuard().on_before_backward(Trainer(), None, torch.tensor(1.0))  # finite: no error
 
 
-def test_a_resumed_optimizer_takes_this_runs_fused_setting_not_the_checkpoints():
-    """torch restores each optimizer group's settings from the checkpoint; a GPU run's `fused=True`
-    resumed on a CPU (or under fp16, where clipping refuses fused) must be turned back off."""
-    import lightning as L
+def test_diverging_run_fails_with_one_line_and_exports_nothing(tmp_path, hf_cache, capsys):
+    args = tokenizer_args(tmp_path, hf_cache, "diverge", "--model.lr", "1e30", "--model.warmup_steps", "0",
+                          "--trainer.max_steps", "4", "--trainer.limit_val_batches", "0")  # fmt: skip
+    assert main(["tokenizer", *args]) == 1
+    err = capsys.readouterr().err
+    assert "unimodal tokenizer: error: loss became" in err and "Traceback" not in err
+    assert not (tmp_path / "diverge" / "export").exists()
 
-    from unimodal.training.modules import TokenizerModule
 
-    module = TokenizerModule()
-    module.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
-    checkpoint = {"optimizer_states": [{"state": {}, "param_groups": [{"params": [0], "fused": True}]}]}
-    module.on_load_checkpoint(checkpoint)
-    assert checkpoint["optimizer_states"][0]["param_groups"][0]["fused"] is None
-    TokenizerModule().on_load_checkpoint(checkpoint)  # no trainer (load_from_checkpoint): nothing to do
+@pytest.mark.slow
+def test_streaming_fit_runs_both_stages(tmp_path, hf_cache):
+    tok = fit_tokenizer(tmp_path, hf_cache, steps=6, name="stream-tok", extra=["--data.streaming", "true"])
+    assert (tok / "model.safetensors").is_file()
+    bundle = fit_transformer(tmp_path, hf_cache, tok, steps=6, name="stream-lm",
+                             extra=["--data.streaming", "true"])  # fmt: skip
+    assert (bundle / "bundle.json").is_file()

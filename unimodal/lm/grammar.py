@@ -117,6 +117,20 @@ class SegmentGrammar:
         """ids (B, T) -> bool mask (B, V) of the ids allowed after each full prefix."""
         return self.table.to(ids.device)[self.states(ids)[:, -1]]
 
+    def image_range(self, ids: torch.Tensor) -> tuple[int, int]:
+        """Prompts (B, T) that each stand right after <boi> -> (lo, hi): every image step allows exactly
+        the ids lo..hi-1 (the codes) until the image is full. For decoding loops that draw a whole image
+        over one range without asking the grammar at each step; refuses prompts in any other state."""
+        c = self.counts(ids)
+        at_start = (self.state(c)[:, -1] == IMAGE) & (c["image"][:, -1] == 0)  # (B,)
+        if not bool(at_start.all()):
+            bad = (~at_start).nonzero().flatten().tolist()
+            raise ValueError(f"prompts {bad[:5]} do not stand at the start of an image (end them with <boi>)")
+        support = _one_range(self.table[IMAGE])
+        if support is None:
+            raise ValueError("this vocabulary's image ids are not one contiguous range")
+        return support
+
     def allowed_per_position(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (B, T) -> bool mask (B, T, V): allowed ids for the target at t+1 given ids[:, :t+1]."""
         return self.table.to(ids.device)[self.states(ids)]

@@ -1,0 +1,25 @@
+"""`bench sample`: images/s per cache and batch, with ratios against its own rows and roofline bounds."""
+
+import json
+
+import pytest
+
+from unimodal.bench import sample as bench_sample
+
+from .conftest import TINY
+
+
+def test_sample_bench_reports_ratios_against_its_own_rows(tmp_path, fixed_peak):
+    out = tmp_path / "sample.json"
+    args = [*TINY, "--device", "cpu", "--grid", "2", "--batches", "1", "3", "--modes", "none", "static",
+            "--repeats", "1", "--dtype", "bfloat16", "--json", str(out)]  # fmt: skip
+    assert bench_sample.main(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["cache"], r["batch"]) for r in rows] == [("none", 1), ("static", 1), ("none", 3), ("static", 3)]
+    by = {(r["cache"], r["batch"]): r for r in rows}
+    for (cache, batch), r in by.items():
+        assert r["x vs none@same batch"] == pytest.approx(r["images/s"] / by[("none", batch)]["images/s"])
+        assert r["x vs batch 1"] == pytest.approx(r["images/s"] / by[(cache, 1)]["images/s"])
+        assert r["tokens/s"] == pytest.approx(r["images/s"] * (4 + 2))  # 2x2 codes + <eoi> <eos>
+        assert r["linear-layers bound"] > 0 and r["linear-layers bound"] == by[("none", batch)]["linear-layers bound"]
+        assert 0 < r["linear+attention bound"] == by[("none", batch)]["linear+attention bound"]

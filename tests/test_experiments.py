@@ -1,0 +1,49 @@
+"""The committed experiment families in experiments/ parse: every run's configs through --print_config,
+the GPU recipe, and the sweep's dry run."""
+
+import pytest
+import yaml
+
+from unimodal.cli.main import main
+from unimodal.cli.sweep import load_family, plan
+from unimodal.training.fit import TokenizerCLI, TransformerCLI
+
+from .conftest import REPO
+
+FAMILIES = REPO / "experiments"
+SHAPES = FAMILIES / "shapes"
+# every fit each family plans, once (the shared tokenizer once per family, not once per run that uses it)
+COMMITTED = [(name, fit.name) for name in ("heldout", "shapes") for fit in plan(load_family(FAMILIES / name), "runs")]
+
+
+@pytest.mark.parametrize(("name", "fit_name"), COMMITTED)
+def test_committed_family_configs_parse_with_print_config(name, fit_name, capsys):
+    family = load_family(FAMILIES / name)
+    fit = next(f for f in plan(family, "runs") if f.name == fit_name)
+    with pytest.raises(SystemExit) as exit_:
+        (TokenizerCLI if fit.stage == "tokenizer" else TransformerCLI)(args=["fit", *fit.args, "--print_config"])
+    assert exit_.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["run"]["name"] == fit.name and printed["run"]["group"] == name
+    if fit.stage == "transformer":
+        assert printed["evaluation"]["splits"] == ["test", "heldout"]
+
+
+@pytest.mark.parametrize("stage", ["tokenizer", "transformer"])
+def test_gpu_recipe_parses_with_print_config(stage, capsys):
+    program, base, diff = ((TokenizerCLI, "tokenizer.yaml", "gpu.stage1.yaml") if stage == "tokenizer"
+                           else (TransformerCLI, "transformer.yaml", "gpu.yaml"))  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        program(args=["fit", "--config", str(SHAPES / base), "--config", str(SHAPES / diff), "--print_config"])
+    assert exit_.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["precision"] == "bf16-mixed"
+    assert printed["data"]["source"]["shapes"]["resolution"] == 64
+
+
+def test_sweep_command_dry_run_prints_fit_commands(capsys):
+    assert main(["sweep", str(FAMILIES / "heldout"), "--dry-run"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    runs = load_family(FAMILIES / "heldout").runs
+    assert out[0].startswith("unimodal tokenizer fit")
+    assert [line.split("--run.name ")[1].split()[0] for line in out if "transformer fit" in line] == runs
