@@ -1,7 +1,8 @@
 """`python -m unimodal.bench profile {train,sample}`: where the time of one step goes.
 
 Runs a few training steps (the bare loop of `bench train`, same model and batches) or one batched
-`generate_codes` call (the path `unimodal sample` takes) under two profilers and prints two tables:
+`generate_codes` call (the path `unimodal sample` takes; with `--compile` the fast path's
+`generate_codes_fast`) under two profilers and prints two tables:
 the aten operators by self CPU time (`torch.profiler`), and the Python functions by own time
 (`cProfile`, which also sees the library's per-step Python work between operators). The first line
 says how much of the wall time the operators account for: the rest is Python overhead.
@@ -87,7 +88,7 @@ def main(argv: list[str]) -> int:
     add_model_args(p)
     p.add_argument("--steps", type=int, default=4, help="training steps per profiled call (train)")
     p.add_argument("--cache", default="dynamic", choices=["none", "dynamic", "static"], help="KV cache (sample)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the forward (sample, with --cache static)")
+    p.add_argument("--compile", action="store_true", help="the fast path's compiled loop (sample, --cache static)")
     p.add_argument("--top", type=int, default=15, help="rows per table")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", default=None)
@@ -108,6 +109,7 @@ def main(argv: list[str]) -> int:
         label = f"{args.steps} training steps, batch {args.batch}, seq {batches[0]['input_ids'].shape[1]}"
         profile_call(lambda: bare_loop(module, batches, warmup=0), label, args.top, args.json)
     else:
+        from unimodal.generation.fast.decode import generate_codes_fast
         from unimodal.generation.sampling import SamplingParams, generate_codes
         from unimodal.lm.transformer import build_transformer
 
@@ -118,7 +120,7 @@ def main(argv: list[str]) -> int:
             params = SamplingParams(seed=0, batch_size=args.batch, compile=args.compile, **mode)
         except ValueError as e:
             p.error(str(e))
-        compiled = "+compile" if args.compile else ""
-        label = f"generate_codes, batch {args.batch}, {vocab.image_tokens} codes, cache {args.cache}{compiled}"
-        profile_call(lambda: generate_codes(model, vocab, prompts, params), label, args.top, args.json)
+        generate = generate_codes_fast if args.compile else generate_codes
+        label = f"{generate.__name__}, batch {args.batch}, {vocab.image_tokens} codes, cache {args.cache}"
+        profile_call(lambda: generate(model, vocab, prompts, params), label, args.top, args.json)
     return 0

@@ -1,12 +1,12 @@
 """`python -m unimodal.bench sample`: text-to-image sampling speed, one run, one model.
 
-For each cache mode - (a) `none`: full recomputation every step, (b) `dynamic`: the library's
-growing KV cache, (c) `static`: the library's preallocated cache, attended over its filled part
-only (`sampling.live_sdpa_attention`) (+ `static+compile`: torch.compile of the forward, where the
-device supports it; fixed shapes, with attention over the filled part as one operator the graph calls,
-`sampling.filled_cache_attention`, from 17 rows on) - and each batch size, it times `generate_codes`
-(the same path `unimodal sample` uses, grammar processor included) and reports images/s, new
-tokens/s, and MFU against this machine's matmul peak measured in the same run.
+For each mode - (a) `none`: full recomputation every step, (b) `dynamic`: the library's growing
+KV cache, (c) `static`: the library's preallocated cache, all three through `generate()`
+(`sampling.generate_codes`, the path `unimodal sample` takes, grammar processor included), and
+(d) `fast` (alias `static+compile`): the fast path, an own decoding loop on the static cache whose
+step is compiled once per batch size (`generation.fast.decode.generate_codes_fast`, what
+`unimodal sample --compile` takes) - and each batch size, it times whole calls and reports images/s,
+new tokens/s, and MFU against this machine's matmul peak measured in the same run.
 
 MFU counts useful FLOPs only: per generated token 2 * (non-embedding params + lm-head params)
 plus the attention term 4 * layers * d_model * context; full recomputation does far more work
@@ -33,6 +33,7 @@ import time
 
 import torch
 
+from unimodal.generation.fast.decode import generate_codes_fast
 from unimodal.generation.fast.host import keep_freed_memory
 from unimodal.generation.sampling import SamplingParams, generate_codes
 from unimodal.lm.transformer import build_transformer
@@ -45,8 +46,9 @@ MODES = {
     "none": {"use_cache": False},
     "dynamic": {"cache": "dynamic"},
     "static": {"cache": "static"},
-    "static+compile": {"cache": "static", "compile": True},
+    "fast": {"cache": "static", "compile": True},
 }
+ALIASES = {"static+compile": "fast"}
 
 
 def mean_context(vocab: JointVocab, prompt_len: int) -> float:
@@ -133,9 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     add_model_args(p)
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights of the fresh model")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64], help="batch sizes (default 1 64)")
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
-                   help="cache modes (default: all four; static+compile's first call per batch size compiles, "
-                        "~20 s for the default model on a 2-core CPU)")  # fmt: skip
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=[*MODES, *ALIASES],
+                   help="modes (default: all four; fast's first call per batch size compiles its step, "
+                        "tens of seconds for the default model on a 2-core CPU)")  # fmt: skip
     p.add_argument("--skip", nargs="*", default=[], help="rows to leave out, as MODE@BATCH (e.g. none@64)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per row after a warm-up call (median)")
     p.add_argument(
@@ -149,11 +151,14 @@ def main(argv: list[str] | None = None) -> int:
         "--keep-freed-memory",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="glibc malloc keeps freed memory for reuse, as `unimodal sample` does on CPU (host.keep_freed_memory)",
+        help="glibc malloc keeps freed memory for reuse, as `unimodal sample --compile` does on CPU "
+        "(generation.fast.host.keep_freed_memory; process-wide, so every mode of the run)",
     )
     p.add_argument("--device", default=default_device())
     p.add_argument("--json", default=None, help="also write the table here")
     args = p.parse_args(argv)
+    args.modes = [ALIASES.get(mode, mode) for mode in args.modes]
+    args.skip = [ALIASES.get(mode, mode) + at + batch for mode, at, batch in (row.partition("@") for row in args.skip)]
     if args.threads:
         torch.set_num_threads(args.threads)
     kept = keep_freed_memory() if args.keep_freed_memory and args.device == "cpu" else False
@@ -178,13 +183,13 @@ def main(argv: list[str] | None = None) -> int:
             def run(params=params, prompts=prompts):
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(0)
-                    return generate_codes(model, vocab, prompts, params)
+                    return (generate_codes_fast if params.compile else generate_codes)(model, vocab, prompts, params)
 
             start = time.perf_counter()
             run()  # warm-up (and compilation)
             first = time.perf_counter() - start
             # a slow row (full recomputation at large batch) is timed by its first call alone
-            slow = first > args.slow_seconds and mode != "static+compile"
+            slow = first > args.slow_seconds and mode != "fast"
             seconds = first if slow else time_it(run, repeats=args.repeats, warmup=0, device=args.device)
             images_s = batch / seconds
             rows.append({
