@@ -36,7 +36,7 @@ def test_draw_with_given_uniforms_is_the_plain_draw():
 
 
 def test_refuses_what_it_cannot_decode(model):
-    with pytest.raises(ValueError, match="end with"):
+    with pytest.raises(ValueError, match="end them with <boi>"):
         generate_codes_fast(model, VOCAB, [VOCAB.prompt([1, 2]), [VOCAB.bos, 1, 2]], SamplingParams())
     for params in (SamplingParams(cache="dynamic"), SamplingParams(use_cache=False)):
         with pytest.raises(ValueError, match="static cache"):

@@ -1,7 +1,8 @@
 """The fast path's image-decoding loop, gpt-fast style: `prefill`, then `decode_one_token` compiled once.
 
-After `<boi>` an image is exactly N steps over one id range (the codes), and <eoi> <eos> follow with
-no choice left, so the loop needs neither the grammar nor `generate()`'s per-step machinery: the
+After `<boi>` an image is exactly N steps over one id range (the codes: `SegmentGrammar.image_range`),
+and <eoi> <eos> follow with no choice left, so the loop asks the grammar once and needs none of
+`generate()`'s per-step machinery: the
 prompts go through the model once (`prefill`, eager) into the library's `StaticCache`, then N - 1
 calls of one compiled function each feed the last code and pick the next one. Every step has the
 same shapes (one token per row, a mask over the whole cache), so `torch.compile` builds one graph
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, StaticCache
 
 from unimodal.generation.sampling import SamplingParams, left_pad, warpers
+from unimodal.lm.grammar import SegmentGrammar
 
 DECODE_ATTENTION = "unimodal_decode"
 # model -> {(rows, prompt width, cache length, settings): compiled decode_one_token}
@@ -140,15 +142,13 @@ def generate_codes_fast(model, vocab, prompt_ids: list[list[int]], params: Sampl
         raise ValueError(f"the fast path decodes on a static cache (got cache={params.kv_cache!r}); use the plain path")
     if not prompt_ids:
         raise ValueError("no prompts given")
-    bad = [i for i, row in enumerate(prompt_ids) if not row or row[-1] != vocab.boi]
-    if bad:
-        raise ValueError(f"the fast path draws images after <boi>: prompts {bad[:5]} do not end with it (vocab.prompt)")
     device = next(model.parameters()).device
     b, n = len(prompt_ids), vocab.image_tokens
-    lo, hi = vocab.image_offset, vocab.special_offset
     scale = float(params.cfg_scale)
     rows = prompt_ids + [vocab.unconditional_prompt()] * b if scale != 1.0 else prompt_ids
     ids, prompt_mask = left_pad(rows, vocab.pad)
+    # the codes' range, from the grammar (which refuses prompts that do not end with <boi>)
+    lo, hi = SegmentGrammar(vocab).image_range(ids)
     ids, prompt_mask = ids.to(device), prompt_mask.to(device)
     width, length = ids.shape[1], ids.shape[1] + n - 1  # the last code is drawn, never fed
     # (R, L): the prompts' padding, then every position still to come (the causal mask hides the future)
