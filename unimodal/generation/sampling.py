@@ -105,7 +105,7 @@ class NextToken(LogitsProcessor):
             lo, hi = self.grammar.support
             part = scores[:, lo:hi]
             if guided:
-                part = part[b:] + self.scale * (part[:b] - part[b:])
+                part = guide(part, b, self.scale)
             token = self.sample(input_ids[:b], part.contiguous()) + lo  # softmax over a strided view: 2x the cost
             return one_hot_scores(scores, token.repeat(2, 1) if guided else token)
         if guided:
@@ -123,6 +123,12 @@ class NextToken(LogitsProcessor):
         return draw(scores)
 
 
+def guide(logits: torch.Tensor, b: int, scale: float) -> torch.Tensor:
+    """Guidance over a doubled batch: rows [0, b) conditional, [b, 2b) their unconditional twins ->
+    (b, ...) `u + scale * (c - u)`."""
+    return logits[b:] + scale * (logits[:b] - logits[b:])
+
+
 def draw(scores: torch.Tensor) -> torch.Tensor:
     """One id per row from softmax(scores): (B, V) -> (B, 1), by inverse CDF with one uniform per row.
 
@@ -131,10 +137,14 @@ def draw(scores: torch.Tensor) -> torch.Tensor:
     cached decoding step, against 0.05 ms here. Ids with probability 0 (-inf scores) are never drawn:
     their CDF step is empty, and u * total < total for every double u in [0, 1).
     """
+    return draw_with(scores, torch.rand((scores.shape[0], 1), dtype=torch.float64, device=scores.device))
+
+
+def draw_with(scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """`draw` with its uniforms given, (B, 1) float64 in [0, 1): for a compiled loop, whose random
+    numbers must come from the global generator outside the graph, as `draw`'s do."""
     cdf = scores.softmax(-1).cumsum(-1, dtype=torch.float64)  # (B, V), non-decreasing
-    total = cdf[:, -1:]
-    u = torch.rand(total.shape, dtype=torch.float64, device=scores.device) * total
-    return torch.searchsorted(cdf, u, right=True)  # first id whose CDF exceeds u
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # first id whose CDF exceeds u * total
 
 
 def one_hot_scores(scores: torch.Tensor, token: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, StaticCache
 
-from unimodal.generation.sampling import SamplingParams, left_pad, warpers
+from unimodal.generation.sampling import SamplingParams, draw_with, guide, left_pad, warpers
 from unimodal.lm.grammar import SegmentGrammar
 
 DECODE_ATTENTION = "unimodal_decode"
@@ -61,18 +61,11 @@ def code_logits(model, hidden: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return F.linear(hidden, head.weight[lo:hi], bias).float()  # generate() also hands float32 to its processors
 
 
-def draw_with(scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """`sampling.draw` with its uniforms given: (B, V) scores, (B, 1) float64 u in [0, 1) -> (B, 1) indices."""
-    cdf = scores.softmax(-1).cumsum(-1, dtype=torch.float64)  # (B, V), non-decreasing
-    total = cdf[:, -1:]
-    return torch.searchsorted(cdf, u * total, right=True)  # first id whose CDF exceeds u * total
-
-
 def pick(logits: torch.Tensor, u: torch.Tensor | None, b: int, scale: float, warp) -> torch.Tensor:
     """Code logits (R, K), R = b or 2b with guidance -> the next code (b, 1): guidance over the codes
     (rows [b, 2b) are the unconditional twins), then argmax (`warp` None) or the warpers and the draw."""
     if scale != 1.0:
-        logits = logits[b:] + scale * (logits[:b] - logits[b:])  # (b, K)
+        logits = guide(logits, b, scale)  # (b, K)
     if warp is None:
         return logits.argmax(-1, keepdim=True)
     for warper in warp:
