@@ -109,8 +109,8 @@ def main(argv: list[str]) -> int:
         label = f"{args.steps} training steps, batch {args.batch}, seq {batches[0]['input_ids'].shape[1]}"
         profile_call(lambda: bare_loop(module, batches, warmup=0), label, args.top, args.json)
     else:
-        from unimodal.generation.fast.decode import generate_codes_fast
-        from unimodal.generation.sampling import SamplingParams, generate_codes
+        from unimodal.generation.bundle import image_codes
+        from unimodal.generation.sampling import SamplingParams
         from unimodal.lm.transformer import build_transformer
 
         model = build_transformer(model_config(args, p), vocab).eval()
@@ -120,7 +120,7 @@ def main(argv: list[str]) -> int:
             params = SamplingParams(seed=0, batch_size=args.batch, compile=args.compile, **mode)
         except ValueError as e:
             p.error(str(e))
-        generate = generate_codes_fast if args.compile else generate_codes
-        label = f"{generate.__name__}, batch {args.batch}, {vocab.image_tokens} codes, cache {args.cache}"
-        profile_call(lambda: generate(model, vocab, prompts, params), label, args.top, args.json)
+        name = "generate_codes_fast" if args.compile else "generate_codes"  # what image_codes calls
+        label = f"{name}, batch {args.batch}, {vocab.image_tokens} codes, cache {args.cache}"
+        profile_call(lambda: image_codes(model, vocab, prompts, params), label, args.top, args.json)
     return 0

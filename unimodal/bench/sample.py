@@ -33,9 +33,9 @@ import time
 
 import torch
 
-from unimodal.generation.fast.decode import generate_codes_fast
+from unimodal.generation.bundle import image_codes
 from unimodal.generation.fast.host import keep_freed_memory
-from unimodal.generation.sampling import SamplingParams, generate_codes
+from unimodal.generation.sampling import SamplingParams
 from unimodal.lm.transformer import build_transformer
 from unimodal.lm.vocab import JointVocab
 
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             def run(params=params, prompts=prompts):
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(0)
-                    return (generate_codes_fast if params.compile else generate_codes)(model, vocab, prompts, params)
+                    return image_codes(model, vocab, prompts, params)
 
             start = time.perf_counter()
             run()  # warm-up (and compilation)
