@@ -103,26 +103,57 @@ def sample_main(argv: list[str]) -> int:
 
 
 def evaluate_main(argv: list[str]) -> int:
-    p = make_parser("evaluate", "Caption fidelity (judged), judge accuracy, tokenizer PSNR/usage on a shapes split.")
+    p = make_parser(
+        "evaluate",
+        "Score a bundle on the data it was trained on (recorded in the bundle) or --data. Real data: Fréchet "
+        "distance and KID, prompt agreement (R@1/R@5), attribute accuracy and tokenizer PSNR/SSIM/usage, each "
+        "beside its ceiling and floor, in a feature space trained on the real training pairs. The built-in "
+        "shapes: judged caption fidelity.",
+    )
     p.add_argument("--bundle", required=True, help="bundle folder")
-    p.add_argument("--split", choices=["test", "heldout"], default="test")
+    p.add_argument("--data", default=None, help="data to score on (default: the bundle's own; other data is refused)")
+    p.add_argument("--split", default="test", help="split to score (shapes: test or heldout; default test)")
     p.add_argument("--num-captions", type=_positive_int, default=200, help="captions to generate for")
     p.add_argument("--json", default=None, help="write the results here as JSON")
     p.add_argument("--grid", default=None, help="write a PNG grid of the first 32 generated images")
-    p.add_argument("--judge-dir", default=None, help="judge cache (default: BUNDLE/judge)")
-    p.add_argument("--rerank", type=_positive_int, default=1,
-                   help="candidates per caption; the contrastive scorer keeps the best (default 1 = off)")  # fmt: skip
+    p.add_argument("--judge-dir", default=None, help="shapes: judge cache (default: BUNDLE/judge)")
+    p.add_argument(
+        "--feature-dir",
+        default=None,
+        help="real data: cache of the evaluation features network (default: BUNDLE/eval_features)",
+    )
+    p.add_argument(
+        "--rerank",
+        type=_positive_int,
+        default=1,
+        help="shapes: candidates per caption, the contrastive scorer keeps the best (1 = off)",
+    )
     _sampling_args(p)
     args = p.parse_args(argv)
-    from unimodal.evaluation.evaluate import evaluate_bundle, write_json
+    from unimodal.evaluation.evaluate import write_json
+    from unimodal.evaluation.realdata import data_of, evaluate_real
     from unimodal.generation.bundle import Bundle
 
     params = _params(args)
     bundle = Bundle.load(args.bundle, device=args.device)
-    result = evaluate_bundle(
-        bundle, args.split, args.judge_dir or Path(args.bundle) / "judge", args.num_captions, params,
-        grid_path=args.grid, rerank=args.rerank, reranker_dir=Path(args.bundle) / "reranker",
-    )  # fmt: skip
+    if bundle.data is None and args.data is None:
+        source = None  # a bundle that records no data: the built-in shapes, as before bundles recorded it
+        print("note: this bundle does not record its training data; scoring it on the built-in shapes")
+    else:
+        source = data_of(bundle, args.data)
+    if source is None or source.name == "shapes":
+        from unimodal.evaluation.evaluate import SPLITS, evaluate_bundle
+
+        if args.split not in SPLITS:
+            raise ValueError(f"the shapes evaluation scores the splits {list(SPLITS)}, not {args.split!r}")
+        result = evaluate_bundle(
+            bundle, args.split, args.judge_dir or Path(args.bundle) / "judge", args.num_captions, params,
+            shapes=source.shapes if source else None, grid_path=args.grid, rerank=args.rerank,
+            reranker_dir=Path(args.bundle) / "reranker",
+        )  # fmt: skip
+    else:
+        result = evaluate_real(bundle, source, args.split, args.feature_dir or Path(args.bundle) / "eval_features",
+                               args.num_captions, params, grid_path=args.grid)  # fmt: skip
     if args.json:
         write_json(result, args.json)
     print(json.dumps(result, indent=2))

@@ -1,6 +1,8 @@
 """Image transforms: any PIL image (mode, size) -> float tensor (3, R, R) in [-1, 1], and back.
 
-RGB, shorter side resized to R, centre-cropped. Pillow and torch only (no torchvision).
+RGB, shorter side resized to R, centre-cropped; transparency composited onto a background colour
+(white by default: emoji and icons drawn on transparency must not come out on black). Pillow and
+torch only (no torchvision).
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageColor
+
+BACKGROUND = "white"
 
 
 class BadImageError(ValueError):
@@ -49,8 +53,16 @@ def decode_or_skip(values: list) -> tuple[list[Image.Image], list[int]]:
     return images, bad
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode (L, LA, P, RGBA, I;16, ...) to RGB; transparency is composited on black."""
+def background_rgb(background: str) -> tuple[int, int, int]:
+    """A colour name or "#rrggbb" -> (r, g, b), with an error that says what is accepted."""
+    try:
+        return ImageColor.getrgb(background)[:3]
+    except ValueError as err:
+        raise ValueError(f"background {background!r} is not a colour: use a name (white, gray) or #rrggbb") from err
+
+
+def to_rgb(image: Image.Image, background: str = BACKGROUND) -> Image.Image:
+    """Any PIL mode (L, LA, P, RGBA, I;16, ...) to RGB; transparency is composited on `background`."""
     if image.mode == "RGB":
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -59,14 +71,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return Image.fromarray(arr).convert("RGB")
     if image.mode in ("P", "LA", "PA") or "A" in image.mode:
         image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
-        return Image.alpha_composite(background, image).convert("RGB")
+        canvas = Image.new("RGBA", image.size, (*background_rgb(background), 255))
+        return Image.alpha_composite(canvas, image).convert("RGB")
     return image.convert("RGB")
 
 
-def image_to_uint8(image: Image.Image, resolution: int) -> torch.Tensor:
-    """PIL image -> uint8 tensor (3, R, R): RGB, shorter side resized to R, centre crop."""
-    image = to_rgb(image)
+def image_to_uint8(image: Image.Image, resolution: int, background: str = BACKGROUND) -> torch.Tensor:
+    """PIL image -> uint8 tensor (3, R, R): RGB (transparency on `background`), shorter side to R, centre crop."""
+    image = to_rgb(image, background)
     w, h = image.size
     if (w, h) != (resolution, resolution):
         scale = resolution / min(w, h)
@@ -82,9 +94,9 @@ def uint8_to_float(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.float().div(127.5).sub(1.0)
 
 
-def image_to_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
+def image_to_tensor(image: Image.Image, resolution: int, background: str = BACKGROUND) -> torch.Tensor:
     """PIL image -> float tensor (3, R, R) in [-1, 1]: RGB, shorter side resized to R, centre crop."""
-    return uint8_to_float(image_to_uint8(image, resolution))
+    return uint8_to_float(image_to_uint8(image, resolution, background))
 
 
 def tensor_to_image(x: torch.Tensor) -> Image.Image:
@@ -93,6 +105,6 @@ def tensor_to_image(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr)
 
 
-def images_to_tensor(images, resolution: int) -> torch.Tensor:
+def images_to_tensor(images, resolution: int, background: str = BACKGROUND) -> torch.Tensor:
     """A list of PIL images -> (B, 3, R, R) in [-1, 1]."""
-    return torch.stack([image_to_tensor(im, resolution) for im in images])
+    return torch.stack([image_to_tensor(im, resolution, background) for im in images])

@@ -6,6 +6,7 @@
       text_tokenizer/tokenizer.json
       image_tokenizer/config.json + model.safetensors
       transformer/config.json + model.safetensors (+ generation_config.json)
+      data.json                   the data source it was trained on (evaluation reads the same data)
 
 Weights are safetensors only; nothing is unpickled.
 """
@@ -26,6 +27,7 @@ from unimodal.tokenizers.image import ImageTokenizer
 from unimodal.tokenizers.text import TextTokenizer
 
 BUNDLE_FILE = "bundle.json"
+DATA_FILE = "data.json"
 FORMAT = "unimodal-bundle/1"
 
 
@@ -35,6 +37,7 @@ class Bundle:
     image_tokenizer: ImageTokenizer
     vocab: JointVocab
     transformer: PreTrainedModel
+    data: dict | None = None  # DataSource.to_dict() of the training data; None when not recorded
 
     def generate(self, prompts: list[str], params: SamplingParams | None = None) -> torch.Tensor:
         """Prompts -> images (P * images_per_prompt, 3, H, W) in [-1, 1]."""
@@ -51,6 +54,8 @@ class Bundle:
         self.image_tokenizer.save_pretrained(tmp / "image_tokenizer")
         self.transformer.save_pretrained(tmp / "transformer", safe_serialization=True)
         self.vocab.save(tmp)
+        if self.data is not None:
+            (tmp / DATA_FILE).write_text(json.dumps(self.data, indent=2))
         (tmp / BUNDLE_FILE).write_text(json.dumps({"format": FORMAT, "vocab_size": self.vocab.size}, indent=2))
         old = directory.with_name(directory.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -84,7 +89,8 @@ class Bundle:
             problems.append(f"transformer has {transformer.config.vocab_size} ids, vocab.json needs {vocab.size}")
         if problems:
             raise ValueError(f"bundle {directory} is inconsistent: " + "; ".join(problems) + ". Re-export it.")
-        return cls(text, image, vocab, transformer.to(device).eval())
+        data = json.loads((directory / DATA_FILE).read_text()) if (directory / DATA_FILE).is_file() else None
+        return cls(text, image, vocab, transformer.to(device).eval(), data)
 
 
 def image_codes(model, vocab, prompt_ids: list[list[int]], params: SamplingParams) -> torch.Tensor:

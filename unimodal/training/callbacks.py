@@ -34,6 +34,7 @@ class SampleGrid(L.Callback):
         images_per_prompt: samples per caption.
         temperature: sampling temperature.
         top_k: keep the k most likely ids (None = all allowed ids).
+        cfg_scale: classifier-free guidance scale (1 = off; needs data.caption_dropout > 0).
         seed: sampling seed (the training RNG is not touched).
         out_dir: folder for `samples_step{N}.png` (default: the run folder).
     """
@@ -44,12 +45,13 @@ class SampleGrid(L.Callback):
         images_per_prompt: int = 4,
         temperature: float = 1.0,
         top_k: int | None = None,
+        cfg_scale: float = 1.0,
         seed: int = 0,
         out_dir: str | None = None,
     ):
         self.prompts = prompts or []
         self.params = SamplingParams(
-            temperature=temperature, top_k=top_k, seed=seed, images_per_prompt=images_per_prompt
+            temperature=temperature, top_k=top_k, cfg_scale=cfg_scale, seed=seed, images_per_prompt=images_per_prompt
         )
         self.out_dir = out_dir
 
@@ -69,14 +71,15 @@ _NOT_METRICS = ("num_captions", "rerank_candidates")  # evaluation settings, not
 
 
 class Evaluation(L.Callback):
-    """At the end of fit, evaluates the trained system on built-in shapes splits (`evaluate.py`: caption
-    fidelity, judge accuracy on real images, the tokenizer's PSNR and fidelity ceiling) and logs
-    `eval/{split}/...` to every logger: a row of metrics.csv, the W&B run summary, and a W&B table of
-    prompts, generated images and the judge's reading. Also writes `eval_{split}.json` and `.png` into
-    the run folder. Off while `splits` is empty; needs the shapes data source.
+    """At the end of fit, evaluates the trained system and logs `eval/{split}/...` to every logger: a row of
+    metrics.csv, the W&B run summary (and, on shapes, a W&B table of prompts, generated images and the
+    judge's reading). Also writes `eval_{split}.json` and `.png` into the run folder. Off while `splits`
+    is empty. On the built-in shapes: `evaluate.py` (caption fidelity, judge accuracy on real images, the
+    tokenizer's PSNR and fidelity ceiling). On any other data: `realdata.py` (Fréchet distance, KID,
+    prompt agreement, attribute accuracy, tokenizer PSNR/SSIM/usage, each beside ceiling and floor).
 
     Args:
-        splits: shapes splits to evaluate, e.g. [test, heldout] (empty = off).
+        splits: splits to evaluate, e.g. [test, heldout] on shapes, [test] on a folder (empty = off).
         num_captions: captions generated per split.
         temperature: sampling temperature.
         top_k: keep the k most likely allowed ids (None = all).
@@ -89,6 +92,7 @@ class Evaluation(L.Callback):
         judge_train_images: generated scenes the judge trains on (once per cache).
         reranker_train_pairs: training pairs the reranker trains on (once per cache).
         table_rows: rows per split in the W&B table.
+        feature_dir: real data: cache of the evaluation features network (default: `{run.root}/eval_features`).
     """
 
     def __init__(
@@ -104,13 +108,10 @@ class Evaluation(L.Callback):
         judge_train_images: int = 8000,
         reranker_train_pairs: int = 20000,
         table_rows: int = 32,
+        feature_dir: str | None = None,
     ):
-        from unimodal.evaluation.evaluate import SPLITS
-
         self.splits = list(splits or [])
-        unknown = [s for s in self.splits if s not in SPLITS]
-        if unknown:
-            raise ValueError(f"evaluation.splits takes {list(SPLITS)}, got {unknown}")
+        self.feature_dir = feature_dir
         self.num_captions, self.judge_dir, self.table_rows = num_captions, judge_dir, table_rows
         self.judge_train_images = judge_train_images
         if rerank < 1:
@@ -127,15 +128,17 @@ class Evaluation(L.Callback):
         `on_fit_end`). `eval/fit_minutes` is the wall time of this fit (after a resume: since the resume)."""
         if not self.splits or trainer.interrupted or not trainer.is_global_zero:
             return
-        from unimodal.evaluation.evaluate import evaluate_bundle, write_json
+        from unimodal.evaluation.evaluate import SPLITS, evaluate_bundle, write_json
         from unimodal.evaluation.judge import JudgeConfig
 
         dm = trainer.datamodule
-        if getattr(getattr(dm, "source", None), "name", None) != "shapes":
-            print("evaluation: skipped (it scores the built-in shapes splits; this run trains on other data)")
-            return
         minutes = (time.perf_counter() - self._start) / 60 if self._start else float("nan")
         run_dir = Path(trainer.default_root_dir)
+        if dm.source.name != "shapes":
+            return self._evaluate_real(trainer, pl_module, run_dir, minutes)
+        unknown = [s for s in self.splits if s not in SPLITS]
+        if unknown:
+            raise ValueError(f"evaluation.splits on the built-in shapes takes {list(SPLITS)}, got {unknown}")
         shapes = dm.source.shapes
         judge = JudgeConfig(shapes.resolution, shapes.background, train_images=self.judge_train_images)
         bundle = pl_module.bundle(dm)
@@ -164,6 +167,47 @@ class Evaluation(L.Callback):
             lg.save()
         _log_eval_tables(trainer.loggers, tables, metrics, self.table_rows)
         print("evaluation: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.endswith("fidelity")))
+
+    def _evaluate_real(self, trainer, pl_module, run_dir: Path, minutes: float):
+        from unimodal.evaluation.evaluate import write_json
+        from unimodal.evaluation.realdata import evaluate_real
+
+        dm = trainer.datamodule
+        bundle = pl_module.bundle(dm)
+        was_training = bundle.transformer.training
+        bundle.transformer.eval()
+        metrics = {"eval/fit_minutes": minutes}
+        try:
+            for split in self.splits:
+                features = self.feature_dir or run_dir.parent / "eval_features"
+                grid = run_dir / f"eval_{split}.png"
+                result = evaluate_real(
+                    bundle, dm.source, split, features, self.num_captions, self.params, grid_path=grid
+                )
+                write_json(result, run_dir / f"eval_{split}.json")
+                metrics.update(_flat_metrics(result, f"eval/{split}"))
+        finally:
+            bundle.transformer.train(was_training)
+        for lg in trainer.loggers:
+            lg.log_metrics(metrics, step=trainer.global_step)
+            lg.save()
+            if hasattr(lg, "experiment") and hasattr(lg.experiment, "summary"):
+                lg.experiment.summary.update(metrics)
+        shown = [k for k in metrics if k.endswith(("frechet_distance/generated", "r@5", "/generated"))]
+        print("evaluation: " + ", ".join(f"{k} {metrics[k]:.3f}" for k in shown))
+
+
+def _flat_metrics(result: dict, prefix: str) -> dict[str, float]:
+    """Nested numeric results -> {'prefix/a/b': value}; settings and names are left out."""
+    out = {}
+    for key, value in result.items():
+        if key in _NOT_METRICS or key == "sampling":
+            continue
+        if isinstance(value, dict):
+            out.update(_flat_metrics(value, f"{prefix}/{key}"))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[f"{prefix}/{key}"] = float(value)
+    return out
 
 
 def _log_eval_tables(loggers, tables: dict, metrics: dict, rows: int):

@@ -72,11 +72,11 @@ class ImageDataModule(ResumableData, L.LightningDataModule):
         ds = _undecoded(load_pairs(self.source, split).select_columns(["image"]))
         if limit is not None:
             ds = ds.select(range(min(limit, len(ds))))
-        res = self.resolution
+        res, background = self.resolution, self.source.background
 
         def to_pixels(batch):
             images, _ = decode_or_skip(batch["image"])  # unreadable rows are dropped (and counted below)
-            pixels = [image_to_uint8(im, res) for im in images]
+            pixels = [image_to_uint8(im, res, background) for im in images]
             return {
                 "pixels": (torch.stack(pixels) if pixels else torch.zeros(0, 3, res, res, dtype=torch.uint8)).numpy()
             }
@@ -99,7 +99,7 @@ class ImageDataModule(ResumableData, L.LightningDataModule):
         images, _ = decode_or_skip([row["image"]])
         if not images:
             return None
-        return {"pixels": image_to_uint8(images[0], self.resolution)}
+        return {"pixels": image_to_uint8(images[0], self.resolution, self.source.background)}
 
     @staticmethod
     def _collate(rows: list[dict]) -> torch.Tensor:
@@ -231,6 +231,7 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
             _file_digest(self.image_tokenizer_dir / WEIGHTS_FILE),
             _file_digest(self.text_tokenizer_dir / TOKENIZER_FILE),
             str(sorted(self.vocab.to_dict().items())),
+            self.source.background,
         ]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
@@ -242,7 +243,7 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
             images, bad = decode_or_skip(batch["image"])  # unreadable rows are dropped (and counted below)
             if not images:
                 return {"input_ids": []}
-            pixels = torch.stack([image_to_tensor(im, resolution) for im in images])
+            pixels = torch.stack([image_to_tensor(im, resolution, self.source.background) for im in images])
             codes = self.image_tokenizer.encode(pixels)  # (B, h, w)
             skipped = set(bad)
             captions = [t for i, t in enumerate(batch["text"]) if i not in skipped]
@@ -301,7 +302,8 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
         if not images:
             return None
         resolution = self.image_tokenizer.config.resolution
-        codes = self.image_tokenizer.encode(image_to_tensor(images[0], resolution)[None])[0]  # (h, w)
+        pixels = image_to_tensor(images[0], resolution, self.source.background)[None]
+        codes = self.image_tokenizer.encode(pixels)[0]  # (h, w)
         return {"input_ids": self.vocab.text_to_image_sequence(self.text_tokenizer.encode(row["text"] or ""), codes)}
 
     def mix(self, batch: dict[str, torch.Tensor], batch_index: int) -> dict[str, torch.Tensor]:

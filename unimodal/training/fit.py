@@ -5,12 +5,14 @@
 
 Beyond the usual `trainer`/`model`/`data` sections, each run has `run` (name, output folder, W&B
 project/group), `export` (where the trained artifact goes), and stage 2 has `samples` (the prompts
-drawn after every validation) and `evaluation` (caption fidelity on shapes splits at the end of fit,
-logged as `eval/...`). The joint vocabulary is linked from the data module into the model.
+drawn after every validation) and `evaluation` (at the end of fit: caption fidelity on shapes splits,
+the real-data metrics on any other data; logged as `eval/...`). The joint vocabulary is linked from
+the data module into the model.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -54,6 +56,13 @@ class FiniteLossGuard(L.Callback):
 
 class _FitCLI(LightningCLI):
     def __init__(self, model_class, datamodule_class, args=None, run=True):
+        # The `unimodal` console script hands its own arguments over as `args`; LightningCLI's warning about
+        # seeing them in sys.argv too is meant for developers. (sys.argv itself must stay: DDP relaunches it.)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            self._build(model_class, datamodule_class, args, run)
+
+    def _build(self, model_class, datamodule_class, args, run):
         super().__init__(
             model_class,
             datamodule_class,

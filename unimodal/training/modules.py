@@ -258,7 +258,8 @@ class TransformerModule(_ResumeOnThisDevice, L.LightningModule):
         return _cosine(opt, self.trainer, self.hparams.warmup_steps)
 
     def bundle(self, datamodule) -> Bundle:
-        return Bundle(datamodule.text_tokenizer, datamodule.image_tokenizer, self.vocab, self.model)
+        return Bundle(datamodule.text_tokenizer, datamodule.image_tokenizer, self.vocab, self.model,
+                      datamodule.source.to_dict())  # fmt: skip
 
     def export(self, directory: Path, datamodule) -> Path:
         return self.bundle(datamodule).save(directory)
