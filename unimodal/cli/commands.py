@@ -256,6 +256,33 @@ def reconstruct_main(argv: list[str]) -> int:
     return 0
 
 
+def extract_main(argv: list[str]) -> int:
+    p = make_parser(
+        "extract",
+        "Encode a dataset's images once with a trained image tokenizer into Parquet shards (codes + caption) "
+        "that stage 2 reads with --data.codes OUT (and streams with --data.streaming true).",
+    )
+    p.add_argument("--tokenizer", required=True, help="trained image tokenizer folder (stage 1's export)")
+    p.add_argument("--data", required=True, help="data source: a folder, a .csv/.parquet/.jsonl table, or 'shapes'")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--splits", nargs="+", default=["train", "test"], help="splits to extract (default: train test)")
+    p.add_argument("--flip", action="store_true", help="also store every image mirrored left-right (a second row)")
+    p.add_argument("--background", default="white", help="colour under transparent pixels (default: white)")
+    p.add_argument("--rows-per-shard", type=_positive_int, default=100_000)
+    p.add_argument("--batch-size", type=_positive_int, default=256, help="images per tokenizer call")
+    args = p.parse_args(argv)
+    from unimodal.data.codes import extract_codes
+    from unimodal.data.pairs import DataSource
+    from unimodal.tokenizers.image import ImageTokenizer
+
+    tokenizer = ImageTokenizer.from_pretrained(args.tokenizer).eval()
+    source = DataSource(name=args.data, background=args.background)
+    info = extract_codes(tokenizer, args.tokenizer, source, args.out, tuple(args.splits), args.flip,
+                         args.rows_per_shard, args.batch_size)  # fmt: skip
+    print(json.dumps(info, indent=2))
+    return 0
+
+
 def demo_main(argv: list[str]) -> int:
     from unimodal.cli.demo import run_demo
 

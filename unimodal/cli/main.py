@@ -12,7 +12,9 @@ commands:
   tokenizer   {fit,validate} ...   stage 1: train the image tokenizer (LightningCLI; --help for options)
   transformer {fit,validate} ...   stage 2: train the transformer (LightningCLI; --help for options)
   sample      --bundle DIR --prompt TEXT ... --out grid.png    text-to-image sampling
-  evaluate    --bundle DIR --split test|heldout --json OUT     caption fidelity, PSNR, codebook usage
+  evaluate    --bundle DIR [--data SRC] --split test --json OUT  real-data metrics (FD, KID, prompt agreement), or
+                                                               shapes caption fidelity; PSNR, codebook usage
+  extract     --tokenizer DIR --data SRC --out DIR [--flip]    image codes once, into Parquet shards for stage 2
   caption     --bundle DIR --images FILE ... | --split test    image-to-text captions (and their accuracy)
   compare     RUN_DIR [RUN_DIR ...] --out DIR                  table + validation curves from CSV logs
   sweep       FAMILY_DIR [--dry-run]                           run an experiment family, then compare it
@@ -47,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "sample": "sample_main", "evaluate": "evaluate_main", "caption": "caption_main",
         "compare": "compare_main", "demo": "demo_main", "sweep": "sweep_main", "reconstruct": "reconstruct_main",
+        "extract": "extract_main",
     }  # fmt: skip
     if command not in commands:
         print(f"unimodal: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)

@@ -17,6 +17,7 @@ import datasets
 import lightning as L
 import torch
 
+from unimodal.data.codes import load_codes, read_info, weights_digest
 from unimodal.data.images import decode_or_skip, image_to_tensor, image_to_uint8, uint8_to_float
 from unimodal.data.order import ResumableData
 from unimodal.data.pairs import DataSource, load_pairs
@@ -156,6 +157,9 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
         seed: seed of the training order (one permutation per epoch; exact on resume and across processes).
         streaming: read the training split as a `datasets` IterableDataset, sharded per process,
             tokenized on the fly (no pre-tokenized cache); needs trainer.max_steps.
+        codes: folder written by `unimodal extract` with this image tokenizer: image codes are read from
+            its Parquet shards (streamed with `streaming`) instead of encoding images; splits it lacks
+            are encoded from `source` as usual.
         caption_dropout: probability that a training text-to-image row gets the empty caption
             (`<bos> <boi> codes <eoi> <eos>`), which classifier-free guidance needs (0 = off).
         i2t_fraction: probability that a training row is rewritten in the captioning order
@@ -184,9 +188,18 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
         mix_seed: int = 0,
         seed: int = 0,
         streaming: bool = False,
+        codes: str | None = None,
     ):
         super().__init__()
         self.seed, self.streaming = seed, streaming
+        self.codes = codes
+        if codes is not None:
+            recorded, actual = read_info(codes)["tokenizer_digest"], weights_digest(image_tokenizer)
+            if recorded != actual:
+                raise ValueError(
+                    f"the codes in {codes} were extracted with another image tokenizer (weights {recorded}, "
+                    f"{image_tokenizer} has {actual}); extract them again with this one"
+                )
         for name, value in (("caption_dropout", caption_dropout), ("i2t_fraction", i2t_fraction)):
             if not 0 <= value < 1:
                 raise ValueError(f"data.{name} must be in [0, 1), got {value}")
@@ -217,7 +230,8 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
     def _text_tokenizer(self, vocab_size: int) -> TextTokenizer:
         if (self.text_tokenizer_dir / TOKENIZER_FILE).is_file():
             return TextTokenizer.load(self.text_tokenizer_dir)
-        captions = [t for t in load_pairs(self.source, "train")["text"] if t]
+        pairs = load_codes(self.codes, "train") if self.codes else load_pairs(self.source, "train")
+        captions = [t for t in pairs["text"] if t]
         if not captions:
             raise ValueError(f"the train split of {self.source.name!r} has no captions to train the text tokenizer on")
         tokenizer = TextTokenizer.train(captions, vocab_size=vocab_size)
@@ -271,16 +285,40 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
         _report_skipped("pre-tokenized", len(ds), len(out))
         return out
 
+    def tokenize_codes(self, ds: datasets.Dataset) -> datasets.Dataset:
+        """Extracted code rows (codes, text) -> `input_ids`, as `tokenize` does for images. Cached."""
+        vocab, grid = self.vocab, self.vocab.image_grid
+
+        def encode(batch):
+            codes = torch.tensor(batch["codes"], dtype=torch.long).view(-1, *grid)
+            texts = self.text_tokenizer.encode_batch([t or "" for t in batch["text"]])
+            return {"input_ids": [vocab.text_to_image_sequence(t, c) for t, c in zip(texts, codes)]}
+
+        return ds.map(encode, batched=True, batch_size=1024, remove_columns=ds.column_names,
+                      new_fingerprint=self._fingerprint(ds), desc="tokenizing extracted codes")  # fmt: skip
+
+    def _has_codes(self, split: str) -> bool:
+        return self.codes is not None and split in read_info(self.codes)["rows"]
+
     def setup(self, stage: str | None = None):
         self.image_tokenizer.eval()
-        if self.streaming:
+        if self.streaming and self._has_codes("train"):
+            self.train_stream = load_codes(self.codes, "train", streaming=True)
+        elif self.streaming:
             self.train_stream = _undecoded(load_pairs(self.source, "train").select_columns(["image", "text"]))
+        elif self._has_codes("train"):
+            self.train_set = self.tokenize_codes(load_codes(self.codes, "train"))
         else:
             self.train_set = self.tokenize(load_pairs(self.source, "train"))
         self.val_set = self._val_split(self.val_split)
         self.extra_val_sets = {split: self._val_split(split) for split in self.extra_val_splits}
 
     def _val_split(self, split: str) -> datasets.Dataset:
+        if self._has_codes(split):
+            val = load_codes(self.codes, split)
+            if self.max_val_samples is not None:
+                val = val.select(range(min(self.max_val_samples, len(val))))
+            return self.tokenize_codes(val)
         val = load_pairs(self.source, split)
         if self.max_val_samples is not None:
             val = val.select(range(min(self.max_val_samples, len(val))))
@@ -298,6 +336,11 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
         return {"input_ids": ids, "attention_mask": mask}
 
     def _stream_item(self, row: dict) -> dict | None:
+        if "codes" in row:  # a row of extracted codes
+            codes = torch.tensor(row["codes"], dtype=torch.long).view(self.vocab.image_grid)
+            return {
+                "input_ids": self.vocab.text_to_image_sequence(self.text_tokenizer.encode(row["text"] or ""), codes)
+            }
         images, _ = decode_or_skip([row["image"]])
         if not images:
             return None
