@@ -21,9 +21,19 @@ class Export(L.Callback):
         self.dir = dir
 
     def on_fit_end(self, trainer, pl_module):
-        if trainer.is_global_zero and not trainer.interrupted:
+        if trainer.interrupted:
+            return
+        if _sharded(trainer) or trainer.is_global_zero:  # under FSDP every process helps gather the weights
             path = pl_module.export(Path(self.dir), trainer.datamodule)
-            print(f"exported {type(pl_module).__name__.replace('Module', '').lower()} -> {path}")
+            if trainer.is_global_zero:
+                print(f"exported {type(pl_module).__name__.replace('Module', '').lower()} -> {path}")
+
+
+def _sharded(trainer) -> bool:
+    """Weights sharded across processes (FSDP): gathering them for sampling or export is collective."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(trainer.strategy, FSDPStrategy)
 
 
 class SampleGrid(L.Callback):
@@ -56,9 +66,12 @@ class SampleGrid(L.Callback):
         self.out_dir = out_dir
 
     def on_validation_epoch_end(self, trainer, pl_module):
-        if trainer.sanity_checking or not self.prompts or not trainer.is_global_zero:
+        if trainer.sanity_checking or not self.prompts or not (trainer.is_global_zero or _sharded(trainer)):
             return
-        images = pl_module.bundle(trainer.datamodule).generate(self.prompts, self.params)
+        bundle = pl_module.bundle(trainer.datamodule)
+        if bundle is None:  # FSDP: this process only helped gather the weights
+            return
+        images = bundle.generate(self.prompts, self.params)
         labels = [p for p in self.prompts for _ in range(self.params.images_per_prompt)]
         grid = make_grid(images, labels, ncol=self.params.images_per_prompt * 2)
         if self.out_dir:
@@ -126,7 +139,7 @@ class Evaluation(L.Callback):
     def on_train_end(self, trainer, pl_module):
         """After the last step, while the model is still on its device (Lightning moves it to CPU before
         `on_fit_end`). `eval/fit_minutes` is the wall time of this fit (after a resume: since the resume)."""
-        if not self.splits or trainer.interrupted or not trainer.is_global_zero:
+        if not self.splits or trainer.interrupted or not (trainer.is_global_zero or _sharded(trainer)):
             return
         from unimodal.evaluation.evaluate import SPLITS, evaluate_bundle, write_json
         from unimodal.evaluation.judge import JudgeConfig
@@ -142,6 +155,8 @@ class Evaluation(L.Callback):
         shapes = dm.source.shapes
         judge = JudgeConfig(shapes.resolution, shapes.background, train_images=self.judge_train_images)
         bundle = pl_module.bundle(dm)
+        if bundle is None:  # FSDP: this process only helped gather the weights
+            return
         was_training = bundle.transformer.training
         bundle.transformer.eval()
         metrics, tables = {"eval/fit_minutes": minutes}, {}
@@ -174,6 +189,8 @@ class Evaluation(L.Callback):
 
         dm = trainer.datamodule
         bundle = pl_module.bundle(dm)
+        if bundle is None:
+            return
         was_training = bundle.transformer.training
         bundle.transformer.eval()
         metrics = {"eval/fit_minutes": minutes}

@@ -24,6 +24,9 @@ from unimodal.training.callbacks import Evaluation, Export, SampleGrid
 from unimodal.training.datamodules import ImageDataModule, SequenceDataModule
 from unimodal.training.loggers import RunConfig, build_loggers
 from unimodal.training.modules import TokenizerModule, TransformerModule
+from unimodal.training.strategies import register_strategies
+
+register_strategies()  # `--trainer.strategy fsdp_decoder`
 
 
 def _primitive(value):

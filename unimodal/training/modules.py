@@ -257,9 +257,37 @@ class TransformerModule(_ResumeOnThisDevice, L.LightningModule):
         opt = _adamw(self.model, self.hparams.lr, self.hparams.weight_decay, _use_fused(self.trainer))
         return _cosine(opt, self.trainer, self.hparams.warmup_steps)
 
-    def bundle(self, datamodule) -> Bundle:
-        return Bundle(datamodule.text_tokenizer, datamodule.image_tokenizer, self.vocab, self.model,
+    def setup(self, stage: str):
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if isinstance(self.trainer.strategy, FSDPStrategy) and self.trainer.strategy.root_device.type == "cpu":
+            raise ValueError("FSDP needs GPUs (torch's FSDP does not run on CPU devices); on CPUs use "
+                             "--trainer.strategy ddp, which this model fits in easily")  # fmt: skip
+
+    def plain_model(self):
+        """The transformer as one plain module: `self.model`, or under FSDP a full copy gathered from the
+        shards. Under FSDP this is a collective call (every process must make it); only process 0 gets
+        the copy, the others None."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if not isinstance(strategy, FSDPStrategy):
+            return self.model
+        state = strategy.lightning_module_state_dict()  # full (unsharded) weights, on process 0 only
+        if not self.trainer.is_global_zero:
+            return None
+        plain = build_transformer(TransformerConfig(**self.hparams.model), self.vocab)
+        plain.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+        return plain.eval()
+
+    def bundle(self, datamodule) -> Bundle | None:
+        """The trained system (None on processes other than 0 under FSDP; see `plain_model`)."""
+        model = self.plain_model()
+        if model is None:
+            return None
+        return Bundle(datamodule.text_tokenizer, datamodule.image_tokenizer, self.vocab, model,
                       datamodule.source.to_dict())  # fmt: skip
 
-    def export(self, directory: Path, datamodule) -> Path:
-        return self.bundle(datamodule).save(directory)
+    def export(self, directory: Path, datamodule) -> Path | None:
+        bundle = self.bundle(datamodule)
+        return bundle.save(directory) if bundle is not None else None
