@@ -90,3 +90,31 @@ def test_streaming_fit_runs_both_stages(tmp_path, hf_cache):
     bundle = fit_transformer(tmp_path, hf_cache, tok, steps=6, name="stream-lm",
                              extra=["--data.streaming", "true"])  # fmt: skip
     assert (bundle / "bundle.json").is_file()
+
+
+def test_fit_on_a_folder_of_txt_captions_records_it_and_evaluates_it(trained, tmp_path, hf_cache):
+    """Stage 2 on RGBA pictures with .txt captions: the bundle records the folder, and the end-of-fit
+    evaluation scores that folder with the real-data metrics (not the shapes judge)."""
+    import json
+
+    from PIL import Image
+
+    folder = tmp_path / "pics"
+    for split, n in (("train", 24), ("test", 4)):
+        (folder / split).mkdir(parents=True)
+        for i in range(n):
+            colour = ("red", "blue")[i % 2]
+            Image.new("RGBA", (32, 32), (255, 0, 0, 255) if colour == "red" else (0, 0, 255, 128)).save(
+                folder / split / f"{i}.png"
+            )
+            (folder / split / f"{i}.txt").write_text(f"a {colour} square")
+    extra = ["--data.source.name", str(folder), "--data.val_split", "test", "--data.batch_size", "8",
+             "--evaluation.splits", "[test]", "--evaluation.num_captions", "4",
+             "--evaluation.feature_steps", "5"]  # fmt: skip
+    bundle = fit_transformer(tmp_path / "runs", hf_cache, trained["tokenizer"], steps=4, name="folder", extra=extra)
+    assert json.loads((bundle / "data.json").read_text())["name"] == str(folder.resolve())
+    result = json.loads((tmp_path / "runs" / "folder" / "eval_test.json").read_text())
+    assert result["data"] == str(folder.resolve()) and result["num_captions"] == 4
+    assert {"frechet_distance", "kid", "prompt_agreement", "tokenizer"} <= set(result)
+    curves = read_curves(tmp_path / "runs" / "folder" / "csv" / "metrics.csv")
+    assert "eval/test/frechet_distance/generated" in curves

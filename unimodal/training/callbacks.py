@@ -106,6 +106,7 @@ class Evaluation(L.Callback):
         reranker_train_pairs: training pairs the reranker trains on (once per cache).
         table_rows: rows per split in the W&B table.
         feature_dir: real data: cache of the evaluation features network (default: `{run.root}/eval_features`).
+        feature_steps: real data: training steps of that network (once per cache).
     """
 
     def __init__(
@@ -122,9 +123,10 @@ class Evaluation(L.Callback):
         reranker_train_pairs: int = 20000,
         table_rows: int = 32,
         feature_dir: str | None = None,
+        feature_steps: int = 800,
     ):
         self.splits = list(splits or [])
-        self.feature_dir = feature_dir
+        self.feature_dir, self.feature_steps = feature_dir, feature_steps
         self.num_captions, self.judge_dir, self.table_rows = num_captions, judge_dir, table_rows
         self.judge_train_images = judge_train_images
         if rerank < 1:
@@ -196,11 +198,11 @@ class Evaluation(L.Callback):
         metrics = {"eval/fit_minutes": minutes}
         try:
             for split in self.splits:
-                features = self.feature_dir or run_dir.parent / "eval_features"
-                grid = run_dir / f"eval_{split}.png"
                 result = evaluate_real(
-                    bundle, dm.source, split, features, self.num_captions, self.params, grid_path=grid
-                )
+                    bundle, dm.source, split, self.feature_dir or run_dir.parent / "eval_features",
+                    self.num_captions, self.params, grid_path=run_dir / f"eval_{split}.png",
+                    features={"steps": self.feature_steps},
+                )  # fmt: skip
                 write_json(result, run_dir / f"eval_{split}.json")
                 metrics.update(_flat_metrics(result, f"eval/{split}"))
         finally:
