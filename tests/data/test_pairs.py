@@ -67,10 +67,12 @@ def test_folder_of_images_with_txt_captions_beside_them(tmp_path, caplog):
             _rgba_icon((20 + i, 30)).save(folder / f"{split}{i}.png")
             (folder / f"{split}{i}.txt").write_text(f"red disc number {i}\n")
     (tmp_path / "pics" / "train" / "orphan.png").write_bytes(b"")  # no caption file: counted, left out
+    _rgba_icon().save(tmp_path / "pics" / "train" / "blank.png")
+    (tmp_path / "pics" / "train" / "blank.txt").write_text("  \n")  # empty caption: counted, kept
     with caplog.at_level("WARNING"):
         train = load_pairs(DataSource(name=str(tmp_path / "pics")), "train")
-    assert sorted(train["text"]) == ["red disc number 0", "red disc number 1", "red disc number 2"]
-    assert "1 of 4 images have no .txt caption" in caplog.text
+    assert sorted(train["text"]) == ["", "red disc number 0", "red disc number 1", "red disc number 2"]
+    assert "1 of 5 images have no .txt caption" in caplog.text and "1 of 4 caption files are empty" in caplog.text
     test = load_pairs(DataSource(name=str(tmp_path / "pics")), "test")
     assert len(test) == 2 and image_to_tensor(test[0]["image"], 16)[:, 0, 0].tolist() == [1.0, 1.0, 1.0]
 

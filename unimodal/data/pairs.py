@@ -129,6 +129,10 @@ def _sidecar_split(folder: Path) -> datasets.Dataset:
                     folder, len(missing), len(images), ", ".join(missing[:3]))  # fmt: skip
     if not rows["image"]:
         raise ValueError(f"{folder}: none of its {len(images)} images has a .txt caption file beside it")
+    empty = sum(not t for t in rows["text"])
+    if empty:
+        log.warning("%s: %d of %d caption files are empty (those images train the unconditional case)",
+                    folder, empty, len(rows["text"]))  # fmt: skip
     return datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
 
 
