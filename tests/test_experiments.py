@@ -47,3 +47,22 @@ def test_sweep_command_dry_run_prints_fit_commands(capsys):
     runs = load_family(FAMILIES / "heldout").runs
     assert out[0].startswith("unimodal tokenizer fit")
     assert [line.split("--run.name ")[1].split()[0] for line in out if "transformer fit" in line] == runs
+
+
+EMOJI = FAMILIES / "emoji"
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+@pytest.mark.parametrize("stage", ["tokenizer", "transformer"])
+def test_emoji_recipes_parse_at_64_and_256_pixels(stage, gpu, capsys):
+    program, base, diff = ((TokenizerCLI, "tokenizer.yaml", "gpu.stage1.yaml") if stage == "tokenizer"
+                           else (TransformerCLI, "transformer.yaml", "gpu.yaml"))  # fmt: skip
+    configs = ["--config", str(EMOJI / base)] + (["--config", str(EMOJI / diff)] if gpu else [])
+    with pytest.raises(SystemExit) as exit_:
+        program(args=["fit", *configs, "--print_config"])
+    assert exit_.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["source"]["name"] == ("data/cache/emoji256" if gpu else "data/cache/emoji64")
+    if stage == "tokenizer":
+        model = printed["model"]["model"]
+        assert model["resolution"] // 2 ** len(model["channel_mult"]) == 16  # 16x16 = 256 image tokens either way
