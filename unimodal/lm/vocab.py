@@ -91,6 +91,11 @@ class JointVocab:
         return self.image_grid[0] * self.image_grid[1]
 
     @property
+    def codes_shape(self) -> tuple[int, ...]:
+        """One image's codes as the image tokenizer gives them: the grid (h, w), or (N,) with `image_scales`."""
+        return (self.image_tokens,) if self.image_scales is not None else self.image_grid
+
+    @property
     def max_sequence_length(self) -> int:
         return 1 + self.max_text_tokens + 1 + self.image_tokens + 2
 

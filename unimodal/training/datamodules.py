@@ -212,6 +212,7 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
             image_grid=(image_config.grid_size, image_config.grid_size),
             max_text_tokens=max_text_tokens,
             image_to_text=i2t_fraction > 0,
+            image_scales=self.image_tokenizer.scales,  # a multi-scale tokenizer's codes: next-scale prediction
         )
 
     def _text_tokenizer(self, vocab_size: int) -> TextTokenizer:
@@ -318,7 +319,7 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
         rows = []
         for ids, mask, to_i2t, to_null in zip(batch["input_ids"], batch["attention_mask"], i2t, drop):
             text, codes = v.split_sequence(ids[mask.bool()].tolist())
-            codes = torch.tensor(codes).view(*v.image_grid)
+            codes = torch.tensor(codes).view(*v.codes_shape)
             if to_i2t:
                 rows.append({"input_ids": v.image_to_text_sequence(text, codes)})
             else:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from transformers import get_cosine_schedule_with_warmup
 
 from unimodal.generation.bundle import Bundle
+from unimodal.lm import next_scale
 from unimodal.lm.grammar import SegmentGrammar
 from unimodal.lm.transformer import TransformerConfig, build_transformer, sequence_loss
 from unimodal.lm.vocab import JointVocab
@@ -227,7 +228,10 @@ class TransformerModule(_ResumeOnThisDevice, L.LightningModule):
         return self._compiled[1]
 
     def _loss(self, batch):
-        logits = self._model()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        if self.vocab.image_scales is not None:  # next-scale images: block-causal attention over scale queries
+            logits = next_scale.forward(self._model(), self.vocab, batch["input_ids"], batch["attention_mask"]).logits
+        else:
+            logits = self._model()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return sequence_loss(logits, batch["input_ids"], batch["attention_mask"], self.grammar,
                              self.loss_weights, self.hparams.grammar_loss_mask)  # fmt: skip
 
