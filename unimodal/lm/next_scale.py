@@ -68,12 +68,12 @@ def position_blocks(boi: torch.Tensor, scales: tuple[int, ...], length: int) -> 
     """Each position's attention block: boi (B,) <boi> indices, scales, sequence length T -> (B, T) int64,
     non-decreasing along a row. Positions up to <boi> are their own blocks (causal); the s_k^2 positions that
     predict scale k (k >= 2) share one; the positions after the image are their own blocks again."""
-    n, levels = sum(s * s for s in scales), len(scales)
+    sizes = torch.tensor([s * s for s in scales], device=boi.device)
+    n, levels = int(sizes.sum()), len(scales)
+    scale_of = torch.repeat_interleave(torch.arange(levels, device=boi.device), sizes)  # (N,)
     t = torch.arange(length, device=boi.device)[None]  # (1, T)
     b = boi[:, None]  # (B, 1)
     j = (t - b).clamp(0, n - 1)  # the code each image position predicts
-    scale_of = torch.repeat_interleave(torch.arange(levels, device=boi.device), torch.tensor([s * s for s in scales],
-                                       device=boi.device))  # fmt: skip
     image = b + scale_of[j]  # (B, T)
     after = t - (n - levels)  # shifts the positions after the image down past the shared blocks
     return torch.where(t <= b, t, torch.where(t < b + n, image, after))

@@ -80,7 +80,8 @@ class MultiScaleQuantizer(Quantizer):
     and commitment terms between the downsampled residual and its codes, entropy term) plus VAR's terms
     on the sum: `mse(f_hat, z.detach())` trains the codebook and the phi convolutions towards the
     encoder output, `beta * mse(z, f_hat.detach())` commits the encoder. The decoder gets f_hat with a
-    straight-through gradient to z.
+    straight-through gradient to z. With an `ema` codebook, the moving average takes one update per scale
+    (the residuals of every scale are what the codes must represent).
 
     Dead-code restart (`restart_window` steps): a code unused at every scale for that many steps is
     re-seeded from the full-grid encoder outputs. The codes of a step are counted at the start of the
