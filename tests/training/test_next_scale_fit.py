@@ -1,5 +1,6 @@
-"""Stage 2 over multi-scale codes: the module's loss is the grammar-masked loss of the block-causal forward,
-and both stages fit with `quantizer: multiscale` end to end (the export samples next-scale images)."""
+"""Stage 2 over multi-scale codes: the module's loss is the grammar-masked loss of the block-causal forward
+(with each scale's loss at validation), and both stages fit with `quantizer: multiscale` end to end (the
+export samples next-scale images)."""
 
 import pytest
 import torch
@@ -29,6 +30,11 @@ def test_module_loss_is_the_block_causal_loss():
     plain = module.model(input_ids=ids, attention_mask=att).logits
     raster, _ = sequence_loss(plain, ids, att, module.grammar, module.loss_weights, True)
     assert torch.allclose(loss, expected) and not torch.allclose(loss, raster)
+    module.eval()  # validation adds each scale's loss; together they are the image loss
+    _, parts = module._loss({"input_ids": ids, "attention_mask": att})
+    scales = [parts[f"image_s{k}"] for k in range(3)]
+    assert [n for _, n in scales] == [2 * 1, 2 * 4, 2 * 16]
+    assert torch.isclose(sum(s for s, _ in scales), parts["image"][0], rtol=1e-5)
 
 
 @pytest.mark.slow
@@ -44,4 +50,5 @@ def test_both_stages_fit_with_multiscale_codes(tmp_path, hf_cache):
     assert images.shape == (1, 3, 32, 32)
     curve = read_curves(tmp_path / "lm" / "csv" / "metrics.csv")["train/loss"]
     assert curve[-1][1] < curve[0][1] * 0.9
+    assert {"val/loss_image_s0", "val/loss_image_s3"} <= set(read_curves(tmp_path / "lm" / "csv" / "metrics.csv"))
     assert list((tmp_path / "lm" / "samples").glob("samples_step*.png")), "no sample grid written at validation"

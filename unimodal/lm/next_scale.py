@@ -133,3 +133,20 @@ def forward(model, vocab: JointVocab, ids: torch.Tensor, attention_mask: torch.T
                              attention_mask)  # fmt: skip
     return model(inputs_embeds=embed(model, inputs, levels), attention_mask=mask,
                  position_ids=position_ids(attention_mask))  # fmt: skip
+
+
+def scale_losses(logits: torch.Tensor, ids: torch.Tensor, vocab: JointVocab) -> dict[str, tuple[torch.Tensor, int]]:
+    """Per-scale image loss, for validation: logits (B, T, V) of `forward`, stored ids (B, T) ->
+    {"image_s{k}": (sum of cross-entropy over scale k's codes, their count)}, the softmax taken over the code
+    range (what the grammar allows at every image position)."""
+    layout = ScaleLayout(vocab)
+    boi = boi_positions(ids, vocab)
+    rows = (boi + layout.tokens < ids.shape[1]).nonzero().flatten()
+    at = boi[rows, None] + torch.arange(layout.tokens, device=ids.device)  # (R, N): positions predicting codes
+    codes = vocab.ids_to_codes(ids[rows[:, None], at + 1])  # (R, N)
+    image = logits[rows[:, None], at][..., vocab.image_offset : vocab.special_offset].float()  # (R, N, K)
+    ce = F.cross_entropy(image.flatten(0, 1), codes.flatten(), reduction="none").view_as(codes)
+    return {
+        f"image_s{k}": (ce[:, start : start + s * s].sum().detach(), rows.numel() * s * s)
+        for k, (start, s) in enumerate(zip(layout.starts, layout.scales, strict=True))
+    }

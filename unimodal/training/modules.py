@@ -232,8 +232,11 @@ class TransformerModule(_ResumeOnThisDevice, L.LightningModule):
             logits = next_scale.forward(self._model(), self.vocab, batch["input_ids"], batch["attention_mask"]).logits
         else:
             logits = self._model()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return sequence_loss(logits, batch["input_ids"], batch["attention_mask"], self.grammar,
-                             self.loss_weights, self.hparams.grammar_loss_mask)  # fmt: skip
+        loss, parts = sequence_loss(logits, batch["input_ids"], batch["attention_mask"], self.grammar,
+                                    self.loss_weights, self.hparams.grammar_loss_mask)  # fmt: skip
+        if self.vocab.image_scales is not None and not self.training:  # val/loss_image_s{k}: each scale's loss
+            parts.update(next_scale.scale_losses(logits, batch["input_ids"], self.vocab))
+        return loss, parts
 
     def training_step(self, batch, batch_idx):
         loss, _ = self._loss(batch)
@@ -247,7 +250,8 @@ class TransformerModule(_ResumeOnThisDevice, L.LightningModule):
 
     def on_validation_epoch_start(self):
         # per loader: summed segment losses and counts, and (batch loss, rows) pairs
-        self._val = [{k: torch.zeros(2, dtype=torch.float64) for k in ("text", "image")} for _ in self._val_prefixes()]
+        names = ["text", "image", *(f"image_s{k}" for k in range(len(self.vocab.image_scales or ())))]
+        self._val = [{k: torch.zeros(2, dtype=torch.float64) for k in names} for _ in self._val_prefixes()]
         self._val_loss = [[] for _ in self._val_prefixes()]
 
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
