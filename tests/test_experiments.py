@@ -13,7 +13,11 @@ from .conftest import REPO
 FAMILIES = REPO / "experiments"
 SHAPES = FAMILIES / "shapes"
 # every fit each family plans, once (the shared tokenizer once per family, not once per run that uses it)
-COMMITTED = [(name, fit.name) for name in ("heldout", "shapes") for fit in plan(load_family(FAMILIES / name), "runs")]
+COMMITTED = [
+    (name, fit.name)
+    for name in ("heldout", "next-scale", "shapes")
+    for fit in plan(load_family(FAMILIES / name), "runs")
+]
 
 
 @pytest.mark.parametrize(("name", "fit_name"), COMMITTED)

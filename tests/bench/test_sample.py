@@ -23,3 +23,17 @@ def test_sample_bench_reports_ratios_against_its_own_rows(tmp_path, fixed_peak):
         assert r["tokens/s"] == pytest.approx(r["images/s"] * (4 + 2))  # 2x2 codes + <eoi> <eos>
         assert r["linear-layers bound"] > 0 and r["linear-layers bound"] == by[("none", batch)]["linear-layers bound"]
         assert 0 < r["linear+attention bound"] == by[("none", batch)]["linear+attention bound"]
+
+
+def test_sample_bench_times_next_scale_images(tmp_path, fixed_peak):
+    out = tmp_path / "sample.json"
+    args = [*TINY, "--device", "cpu", "--grid", "4", "--scales", "1", "2", "4", "--batches", "1", "2",
+            "--modes", "dynamic", "--repeats", "1", "--json", str(out)]  # fmt: skip
+    assert bench_sample.main(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["cache"], r["batch"]) for r in rows] == [("dynamic", 1), ("dynamic", 2)]
+    for r in rows:
+        assert r["tokens/s"] == pytest.approx(r["images/s"] * 21)  # 1 + 4 + 16 codes, no <eoi> <eos>
+        assert r["ms/decoding step"] == pytest.approx(1000 * r["s/call"] / 3)  # one forward per scale
+    with pytest.raises(SystemExit):
+        bench_sample.main([*args[:-2], "--modes", "static"])

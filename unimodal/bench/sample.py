@@ -22,6 +22,7 @@ whose every step multiplies the whole prefix, not one row per image.
     python -m unimodal.bench sample                       # fresh default-size model, 8x8 codes
     python -m unimodal.bench sample --grid 16             # 256-token images
     python -m unimodal.bench sample --bundle runs/x/export
+    python -m unimodal.bench sample --scales 1 2 4 8 --modes dynamic   # next-scale (VAR): one forward per scale
     python -m unimodal.bench sample --device cuda --grid 16 --codebook 1024 --n-layers 12 --d-model 768 \
         --n-heads 12 --ffn-hidden 2048               # GPU-sized
 """
@@ -119,12 +120,14 @@ def _model(args, config):
         bundle = Bundle.load(args.bundle, device=args.device)
         prompt = bundle.vocab.prompt(bundle.text_tokenizer.encode("a large red circle at the top left"))
         return bundle.transformer, bundle.vocab, prompt, f"bundle {args.bundle}"
-    vocab = JointVocab(text_size=1024, image_size=args.codebook, image_grid=(args.grid, args.grid))
+    vocab = JointVocab(text_size=1024, image_size=args.codebook, image_grid=(args.grid, args.grid),
+                       image_scales=args.scales)  # fmt: skip
     torch.manual_seed(0)
     model = build_transformer(config, vocab).to(args.device, DTYPES[args.dtype]).eval()
     prompt = vocab.prompt(list(range(3, 3 + 12)))  # a 12-token caption
     size = f"{args.n_layers} layers, d={args.d_model}, {args.dtype}"
-    return model, vocab, prompt, f"fresh model ({size}), {args.grid}x{args.grid} codes, K={args.codebook}"
+    codes = f"scales {args.scales}" if args.scales else f"{args.grid}x{args.grid} codes"
+    return model, vocab, prompt, f"fresh model ({size}), {codes}, K={args.codebook}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundle", default=None, help="a trained bundle (default: a freshly initialised model)")
     p.add_argument("--grid", type=int, default=8, help="code grid side for the fresh model (16 = 256-token images)")
     p.add_argument("--codebook", type=int, default=512, help="codebook size K for the fresh model")
+    p.add_argument("--scales", type=int, nargs="+", default=None,
+                   help="next-scale images for the fresh model (VAR): ascending from 1 to --grid; drawn one "
+                        "forward per scale on the dynamic cache (mode dynamic only)")  # fmt: skip
     add_model_args(p)
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights of the fresh model")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64], help="batch sizes (default 1 64)")
@@ -163,10 +169,17 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     kept = keep_freed_memory() if args.keep_freed_memory and args.device == "cpu" else False
 
-    model, vocab, prompt, what = _model(args, None if args.bundle else model_config(args, p))
+    try:
+        model, vocab, prompt, what = _model(args, None if args.bundle else model_config(args, p))
+    except ValueError as err:  # scales the vocabulary refuses
+        p.error(str(err))
+    next_scale = vocab.image_scales is not None
+    if next_scale and args.modes != ["dynamic"]:
+        p.error("next-scale images have one sampling path: pass --modes dynamic")
     peak = measured_peak_flops(args.device)
     fpt = flops_per_token(model, vocab, len(prompt))
-    new_tokens = vocab.image_tokens + 2
+    new_tokens = vocab.image_tokens + (0 if next_scale else 2)  # next-scale draws no <eoi> <eos>
+    steps = len(vocab.image_scales) if next_scale else new_tokens  # forwards per image
     print(f"model: {what}; {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params; "
           f"{vocab.image_tokens} codes per image; measured peak {peak / 1e9:.1f} GFLOP/s; "
           f"{fpt / 1e6:.2f} MFLOP per generated token; torch threads {torch.get_num_threads()}; "
@@ -194,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             images_s = batch / seconds
             rows.append({
                 "cache": mode, "batch": batch, "images/s": images_s, "tokens/s": images_s * new_tokens,
-                "MFU": images_s * new_tokens * fpt / peak, "ms/decoding step": 1000 * seconds / new_tokens,
+                "MFU": images_s * new_tokens * fpt / peak, "ms/decoding step": 1000 * seconds / steps,
                 "s/call": seconds, "first call s": first,
             })  # fmt: skip
     context = round(mean_context(vocab, len(prompt)))

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from unimodal.generation.next_scale import generate_codes_next_scale
 from unimodal.generation.sampling import SamplingParams, generate_codes
 from unimodal.lm.vocab import JointVocab
 from unimodal.tokenizers.image import ImageTokenizer
@@ -85,6 +86,8 @@ class Bundle:
                 f"image tokenizer has K={image.codebook_size}, grid {image.grid}; "
                 f"vocab.json says K={vocab.image_size}, grid {vocab.image_grid}"
             )
+        if image.scales != vocab.image_scales:
+            problems.append(f"image tokenizer has scales {image.scales}, vocab.json says {vocab.image_scales}")
         if transformer.config.vocab_size < vocab.size:
             problems.append(f"transformer has {transformer.config.vocab_size} ids, vocab.json needs {vocab.size}")
         if problems:
@@ -95,7 +98,10 @@ class Bundle:
 
 def image_codes(model, vocab, prompt_ids: list[list[int]], params: SamplingParams) -> torch.Tensor:
     """Joint-id prompts (each `<bos> text <boi>`) -> code grids (B, h, w): the plain path (`generate()`),
-    or with `params.compile` the fast path (`generation.fast`: the same codes, an own compiled loop)."""
+    or with `params.compile` the fast path (`generation.fast`: the same codes, an own compiled loop); for a
+    next-scale vocabulary, codes (B, N) from `generation.next_scale`."""
+    if vocab.image_scales is not None:  # multi-scale codes: one forward per scale (VAR)
+        return generate_codes_next_scale(model, vocab, prompt_ids, params)
     if params.compile:
         from unimodal.generation.fast.decode import generate_codes_fast
 

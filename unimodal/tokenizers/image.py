@@ -3,13 +3,16 @@
     images (B, 3, H, W) in [-1, 1] --encoder--> z (B, D, h, w) --quantizer--> codes (B, h, w) in [0, K)
     codes --lookup--> z_q (B, D, h, w) --decoder--> images (B, 3, H, W)
 
+With `quantizer: multiscale` (VAR's multi-scale residual quantizer, `tokenizers/multiscale.py`) the
+codes are the scales' maps concatenated coarse to fine: (B, L) with L = sum of s^2 over `scales`.
+
 Saved as a folder with `config.json` (the `ImageTokenizerConfig`) and `model.safetensors`.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -17,6 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from unimodal.tokenizers.multiscale import MultiScaleQuantizer, check_scales
 from unimodal.tokenizers.quantizers import (
     CODEBOOK_QUANTIZERS,
     QUANTIZERS,
@@ -28,6 +32,8 @@ from unimodal.tokenizers.quantizers import (
     QuantizerOutput,
     VectorQuantizer,
 )
+
+MULTISCALE = "multiscale"
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -41,7 +47,7 @@ class ImageTokenizerConfig:
     num_res_blocks: int = 1
     code_dim: int = 32
     codebook_size: int = 512
-    quantizer: str = "vq"  # vq | ema | l2 | gumbel | fsq (see unimodal.quantizers)
+    quantizer: str = "vq"  # vq | ema | l2 | gumbel | fsq (see unimodal.quantizers) | multiscale
     beta: float = 0.25  # commitment weight (vq, ema, l2)
     restart_window: int = 0  # vq/ema/l2: re-seed codes unused for this many training steps (0 = never)
     entropy_weight: float = 0.0  # vq/ema/l2: weight of the codebook entropy term (0 = off; MaskGIT/LlamaGen)
@@ -52,23 +58,28 @@ class ImageTokenizerConfig:
     gumbel_anneal_steps: int = 1000  # gumbel: steps of the geometric temperature decay
     gumbel_kl_weight: float = 1e-3  # gumbel: weight of KL(q || uniform prior)
     fsq_levels: list[int] = field(default_factory=lambda: [8, 8, 4, 4])  # fsq: values per channel
+    scales: list[int] | None = None  # multiscale: ascending side lengths ending at the grid, e.g. [1, 2, 4, 8]
+    scale_codebook: str = "vq"  # multiscale: the codebook quantizer every scale shares (vq | ema | l2)
+    phi_count: int = 4  # multiscale: refinement convolutions, shared by neighbouring scales
+    phi_mix: float = 0.5  # multiscale: (1 - mix) * x + mix * conv(x)
 
     def __post_init__(self):
         self.channel_mult = list(self.channel_mult)
         self.gumbel_temperature = [float(t) for t in self.gumbel_temperature]
         self.fsq_levels = [int(v) for v in self.fsq_levels]
-        if self.quantizer not in QUANTIZERS:
-            raise ValueError(f"unknown quantizer {self.quantizer!r}; choose one of {list(QUANTIZERS)}")
+        if self.quantizer not in (*QUANTIZERS, MULTISCALE):
+            raise ValueError(f"unknown quantizer {self.quantizer!r}; choose one of {[*QUANTIZERS, MULTISCALE]}")
+        self._check_multiscale()
         if self.restart_window < 0:
             raise ValueError(f"restart_window must be >= 0 (0 = no restart), got {self.restart_window}")
-        if self.restart_window and self.quantizer not in CODEBOOK_QUANTIZERS:
+        if self.restart_window and self.codebook_quantizer not in CODEBOOK_QUANTIZERS:
             raise ValueError(
                 f"restart_window applies to codebook quantizers {list(CODEBOOK_QUANTIZERS)}, not "
                 f"{self.quantizer!r}; set restart_window: 0"
             )
         if self.entropy_weight < 0 or self.entropy_temperature <= 0:
             raise ValueError("entropy_weight must be >= 0 and entropy_temperature > 0")
-        if self.entropy_weight and self.quantizer not in CODEBOOK_QUANTIZERS:
+        if self.entropy_weight and self.codebook_quantizer not in CODEBOOK_QUANTIZERS:
             raise ValueError(
                 f"entropy_weight applies to codebook quantizers {list(CODEBOOK_QUANTIZERS)}, not "
                 f"{self.quantizer!r}; set entropy_weight: 0"
@@ -101,6 +112,25 @@ class ImageTokenizerConfig:
         if self.codebook_size < 2 or self.code_dim < 1:
             raise ValueError("codebook_size must be >= 2 and code_dim >= 1")
 
+    def _check_multiscale(self):
+        if self.quantizer != MULTISCALE:
+            if self.scales is not None:
+                raise ValueError(f"scales applies to quantizer: {MULTISCALE}, not {self.quantizer!r}; remove it")
+            return
+        if self.scales is None:
+            example = [1, 2, 4, self.grid_size]
+            raise ValueError(f"quantizer: {MULTISCALE} needs scales ending at the grid, e.g. {example}")
+        self.scales = list(check_scales(self.scales, self.grid_size))
+        if self.scale_codebook not in CODEBOOK_QUANTIZERS:
+            raise ValueError(f"scale_codebook must be one of {list(CODEBOOK_QUANTIZERS)}, got {self.scale_codebook!r}")
+        if self.phi_count < 1 or not 0.0 <= self.phi_mix <= 1.0:
+            raise ValueError(f"phi_count must be >= 1 and phi_mix in [0, 1], got {self.phi_count}, {self.phi_mix}")
+
+    @property
+    def codebook_quantizer(self) -> str:
+        """The quantizer that owns the codebook: `scale_codebook` under multiscale, else `quantizer`."""
+        return self.scale_codebook if self.quantizer == MULTISCALE else self.quantizer
+
     @property
     def downsample(self) -> int:
         return 2 ** len(self.channel_mult)
@@ -112,6 +142,10 @@ class ImageTokenizerConfig:
 
 def build_quantizer(c: ImageTokenizerConfig) -> Quantizer:
     """The quantizer named by `c.quantizer`, with its options from the config."""
+    if c.quantizer == MULTISCALE:  # the shared codebook is a single-scale quantizer that never restarts itself
+        codebook = build_quantizer(replace(c, quantizer=c.scale_codebook, scales=None, restart_window=0))
+        return MultiScaleQuantizer(codebook, c.code_dim, tuple(c.scales), c.phi_count, c.phi_mix, c.beta,
+                                   c.restart_window)  # fmt: skip
     common = dict(beta=c.beta, restart_window=c.restart_window, entropy_weight=c.entropy_weight,
                   entropy_temperature=c.entropy_temperature)  # fmt: skip
     if c.quantizer == "vq":
@@ -194,19 +228,24 @@ class ImageTokenizer(nn.Module):
     def grid(self) -> tuple[int, int]:
         return (self.config.grid_size, self.config.grid_size)
 
+    @property
+    def scales(self) -> tuple[int, ...] | None:
+        """The multi-scale quantizer's side lengths (codes are (B, sum s^2)); None for a single code grid."""
+        return tuple(self.config.scales) if self.config.scales is not None else None
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput]:
         q = self.quantizer(self.encoder(images))
         return self.decoder(q.z_q), q
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> codes (B, h, w) int64."""
+        """(B, 3, H, W) in [-1, 1] -> codes (B, h, w) int64 ((B, L) under `multiscale`)."""
         self._check_images(images)
         return self.quantizer.encode(self.encoder(images))
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes (B, h, w) -> images (B, 3, H, W) in [-1, 1]."""
+        """codes (B, h, w) ((B, L) under `multiscale`) -> images (B, 3, H, W) in [-1, 1]."""
         return self.decoder(self.quantizer.lookup(codes)).clamp(-1, 1)
 
     def _check_images(self, images: torch.Tensor):

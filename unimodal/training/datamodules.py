@@ -225,6 +225,7 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
             image_grid=(image_config.grid_size, image_config.grid_size),
             max_text_tokens=max_text_tokens,
             image_to_text=i2t_fraction > 0,
+            image_scales=self.image_tokenizer.scales,  # a multi-scale tokenizer's codes: next-scale prediction
         )
 
     def _text_tokenizer(self, vocab_size: int) -> TextTokenizer:
@@ -287,10 +288,10 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
 
     def tokenize_codes(self, ds: datasets.Dataset) -> datasets.Dataset:
         """Extracted code rows (codes, text) -> `input_ids`, as `tokenize` does for images. Cached."""
-        vocab, grid = self.vocab, self.vocab.image_grid
+        vocab, shape = self.vocab, self.vocab.codes_shape
 
         def encode(batch):
-            codes = torch.tensor(batch["codes"], dtype=torch.long).view(-1, *grid)
+            codes = torch.tensor(batch["codes"], dtype=torch.long).view(-1, *shape)
             texts = self.text_tokenizer.encode_batch([t or "" for t in batch["text"]])
             return {"input_ids": [vocab.text_to_image_sequence(t, c) for t, c in zip(texts, codes)]}
 
@@ -337,7 +338,7 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
 
     def _stream_item(self, row: dict) -> dict | None:
         if "codes" in row:  # a row of extracted codes
-            codes = torch.tensor(row["codes"], dtype=torch.long).view(self.vocab.image_grid)
+            codes = torch.tensor(row["codes"], dtype=torch.long).view(self.vocab.codes_shape)
             return {
                 "input_ids": self.vocab.text_to_image_sequence(self.text_tokenizer.encode(row["text"] or ""), codes)
             }
@@ -363,7 +364,7 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
         rows = []
         for ids, mask, to_i2t, to_null in zip(batch["input_ids"], batch["attention_mask"], i2t, drop):
             text, codes = v.split_sequence(ids[mask.bool()].tolist())
-            codes = torch.tensor(codes).view(*v.image_grid)
+            codes = torch.tensor(codes).view(*v.codes_shape)
             if to_i2t:
                 rows.append({"input_ids": v.image_to_text_sequence(text, codes)})
             else:

@@ -15,11 +15,13 @@ import torch.nn.functional as F
 from transformers import get_cosine_schedule_with_warmup
 
 from unimodal.generation.bundle import Bundle
+from unimodal.lm import next_scale
 from unimodal.lm.grammar import SegmentGrammar
 from unimodal.lm.transformer import TransformerConfig, build_transformer, sequence_loss
 from unimodal.lm.vocab import JointVocab
 from unimodal.tokenizers.image import ImageTokenizer, ImageTokenizerConfig, psnr, ssim
 from unimodal.tokenizers.losses import PatchDiscriminator, adaptive_weight, generator_adv_loss, hinge_d_loss
+from unimodal.tokenizers.multiscale import scale_counts, scale_usage, warn_low_usage
 from unimodal.tokenizers.quantizers import code_statistics
 from unimodal.training.loggers import log_image
 from unimodal.viz import make_grid, usage_histogram
@@ -77,6 +79,8 @@ class TokenizerModule(_ResumeOnThisDevice, L.LightningModule):
         adversarial_weight: weight of the PatchGAN term (0 = off).
         adversarial_start: step at which the discriminator and its loss switch on.
         disc_channels: width of the PatchGAN discriminator's first layer.
+        scale_usage_warning: multiscale quantizer: warn when a scale's validation usage falls under
+            this fraction of the codes it could reach (min(K, positions at that scale)).
     """
 
     def __init__(
@@ -89,6 +93,7 @@ class TokenizerModule(_ResumeOnThisDevice, L.LightningModule):
         adversarial_weight: float = 0.0,
         adversarial_start: int = 1000,
         disc_channels: int = 32,
+        scale_usage_warning: float = 0.05,
     ):
         super().__init__()
         if pixel_loss not in ("mse", "l1"):
@@ -98,7 +103,8 @@ class TokenizerModule(_ResumeOnThisDevice, L.LightningModule):
         self.save_hyperparameters({"model": asdict(model), "lr": lr, "warmup_steps": warmup_steps,
                                    "weight_decay": weight_decay, "pixel_loss": pixel_loss,
                                    "adversarial_weight": adversarial_weight, "adversarial_start": adversarial_start,
-                                   "disc_channels": disc_channels})  # fmt: skip
+                                   "disc_channels": disc_channels,
+                                   "scale_usage_warning": scale_usage_warning})  # fmt: skip
         self.tokenizer = ImageTokenizer(model)
         self.pixel_loss = F.mse_loss if pixel_loss == "mse" else F.l1_loss
         self.discriminator = PatchDiscriminator(disc_channels) if adversarial_weight > 0 else None
@@ -125,6 +131,8 @@ class TokenizerModule(_ResumeOnThisDevice, L.LightningModule):
     def on_validation_epoch_start(self):
         k = self.tokenizer.codebook_size
         self._val = {"psnr": 0.0, "ssim": 0.0, "n": 0, "rec": 0.0, "counts": torch.zeros(k, dtype=torch.long)}
+        if self.tokenizer.scales is not None:
+            self._val["scale_counts"] = torch.zeros(len(self.tokenizer.scales), k, dtype=torch.long)
 
     def validation_step(self, images, batch_idx):
         recon, q = self.tokenizer(images)
@@ -133,6 +141,9 @@ class TokenizerModule(_ResumeOnThisDevice, L.LightningModule):
         self._val["rec"] += float(self.pixel_loss(recon, images, reduction="sum")) / images[0].numel()
         self._val["n"] += images.shape[0]
         self._val["counts"] += torch.bincount(q.codes.flatten().cpu(), minlength=self.tokenizer.codebook_size)
+        if "scale_counts" in self._val:
+            k = self.tokenizer.codebook_size
+            self._val["scale_counts"] += scale_counts(q.codes.cpu(), self.tokenizer.scales, k)
         if batch_idx == 0:
             self._val_example = (images[:8].cpu(), recon[:8].cpu())
 
@@ -143,6 +154,10 @@ class TokenizerModule(_ResumeOnThisDevice, L.LightningModule):
             "val/psnr": v["psnr"] / n, "val/ssim": v["ssim"] / n, "val/rec_loss": v["rec"] / n,
             "val/codebook_usage": stats["codebook_usage"], "val/perplexity": stats["perplexity"],
         }, prog_bar=True)  # fmt: skip
+        if "scale_counts" in v:
+            self.log_dict({f"val/{key}": value for key, value in scale_usage(v["scale_counts"]).items()})
+            if not self.trainer.sanity_checking:
+                warn_low_usage(v["scale_counts"], self.tokenizer.scales, self.hparams.scale_usage_warning)
         if not self.trainer.sanity_checking and self.trainer.loggers:
             originals, recons = self._val_example
             grid = make_grid(torch.cat([originals, recons]), ncol=originals.shape[0], cell=64)
@@ -213,9 +228,15 @@ class TransformerModule(_ResumeOnThisDevice, L.LightningModule):
         return self._compiled[1]
 
     def _loss(self, batch):
-        logits = self._model()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return sequence_loss(logits, batch["input_ids"], batch["attention_mask"], self.grammar,
-                             self.loss_weights, self.hparams.grammar_loss_mask)  # fmt: skip
+        if self.vocab.image_scales is not None:  # next-scale images: block-causal attention over scale queries
+            logits = next_scale.forward(self._model(), self.vocab, batch["input_ids"], batch["attention_mask"]).logits
+        else:
+            logits = self._model()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss, parts = sequence_loss(logits, batch["input_ids"], batch["attention_mask"], self.grammar,
+                                    self.loss_weights, self.hparams.grammar_loss_mask)  # fmt: skip
+        if self.vocab.image_scales is not None and not self.training:  # val/loss_image_s{k}: each scale's loss
+            parts.update(next_scale.scale_losses(logits, batch["input_ids"], self.vocab))
+        return loss, parts
 
     def training_step(self, batch, batch_idx):
         loss, _ = self._loss(batch)
@@ -229,7 +250,8 @@ class TransformerModule(_ResumeOnThisDevice, L.LightningModule):
 
     def on_validation_epoch_start(self):
         # per loader: summed segment losses and counts, and (batch loss, rows) pairs
-        self._val = [{k: torch.zeros(2, dtype=torch.float64) for k in ("text", "image")} for _ in self._val_prefixes()]
+        names = ["text", "image", *(f"image_s{k}" for k in range(len(self.vocab.image_scales or ())))]
+        self._val = [{k: torch.zeros(2, dtype=torch.float64) for k in names} for _ in self._val_prefixes()]
         self._val_loss = [[] for _ in self._val_prefixes()]
 
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
