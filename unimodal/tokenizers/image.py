@@ -3,6 +3,9 @@
     images (B, 3, H, W) in [-1, 1] --encoder--> z (B, D, h, w) --quantizer--> codes (B, h, w) in [0, K)
     codes --lookup--> z_q (B, D, h, w) --decoder--> images (B, 3, H, W)
 
+With `quantizer: kl` the same autoencoder has a continuous Gaussian latent instead of a quantizer
+(`unimodal.tokenizers.latent`): its tokens are vectors, latents (B, h, w, latent_dim), in place of codes.
+
 Saved as a folder with `config.json` (the `ImageTokenizerConfig`) and `model.safetensors`.
 """
 
@@ -17,6 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from unimodal.tokenizers.latent import CONTINUOUS, GaussianLatent
 from unimodal.tokenizers.quantizers import (
     CODEBOOK_QUANTIZERS,
     QUANTIZERS,
@@ -41,7 +45,7 @@ class ImageTokenizerConfig:
     num_res_blocks: int = 1
     code_dim: int = 32
     codebook_size: int = 512
-    quantizer: str = "vq"  # vq | ema | l2 | gumbel | fsq (see unimodal.quantizers)
+    quantizer: str = "vq"  # vq | ema | l2 | gumbel | fsq (see unimodal.quantizers) | kl (continuous latent)
     beta: float = 0.25  # commitment weight (vq, ema, l2)
     restart_window: int = 0  # vq/ema/l2: re-seed codes unused for this many training steps (0 = never)
     entropy_weight: float = 0.0  # vq/ema/l2: weight of the codebook entropy term (0 = off; MaskGIT/LlamaGen)
@@ -52,13 +56,17 @@ class ImageTokenizerConfig:
     gumbel_anneal_steps: int = 1000  # gumbel: steps of the geometric temperature decay
     gumbel_kl_weight: float = 1e-3  # gumbel: weight of KL(q || uniform prior)
     fsq_levels: list[int] = field(default_factory=lambda: [8, 8, 4, 4])  # fsq: values per channel
+    latent_dim: int = 16  # kl: channels of the Gaussian latent (one image token's vector)
+    kl_weight: float = 1e-4  # kl: weight of KL(q || N(0, I)) in nats per position
 
     def __post_init__(self):
         self.channel_mult = list(self.channel_mult)
         self.gumbel_temperature = [float(t) for t in self.gumbel_temperature]
         self.fsq_levels = [int(v) for v in self.fsq_levels]
-        if self.quantizer not in QUANTIZERS:
-            raise ValueError(f"unknown quantizer {self.quantizer!r}; choose one of {list(QUANTIZERS)}")
+        if self.quantizer not in QUANTIZERS + CONTINUOUS:
+            raise ValueError(f"unknown quantizer {self.quantizer!r}; choose one of {list(QUANTIZERS + CONTINUOUS)}")
+        if self.latent_dim < 1 or self.kl_weight < 0:
+            raise ValueError(f"latent_dim must be >= 1 and kl_weight >= 0, got {self.latent_dim}, {self.kl_weight}")
         if self.restart_window < 0:
             raise ValueError(f"restart_window must be >= 0 (0 = no restart), got {self.restart_window}")
         if self.restart_window and self.quantizer not in CODEBOOK_QUANTIZERS:
@@ -125,6 +133,8 @@ def build_quantizer(c: ImageTokenizerConfig) -> Quantizer:
                                c.gumbel_kl_weight)  # fmt: skip
     if c.quantizer == "fsq":
         return FSQuantizer(c.code_dim, c.fsq_levels)
+    if c.quantizer == "kl":
+        return GaussianLatent(c.code_dim, c.latent_dim, c.kl_weight)
     raise ValueError(f"unknown quantizer {c.quantizer!r}; choose one of {QUANTIZERS}")
 
 
@@ -194,19 +204,24 @@ class ImageTokenizer(nn.Module):
     def grid(self) -> tuple[int, int]:
         return (self.config.grid_size, self.config.grid_size)
 
+    @property
+    def continuous(self) -> bool:
+        """Tokens are latent vectors (B, h, w, latent_dim), not code ids (`quantizer: kl`)."""
+        return self.config.quantizer in CONTINUOUS
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput]:
         q = self.quantizer(self.encoder(images))
         return self.decoder(q.z_q), q
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> codes (B, h, w) int64."""
+        """(B, 3, H, W) in [-1, 1] -> codes (B, h, w) int64 (continuous: latents (B, h, w, C) float)."""
         self._check_images(images)
         return self.quantizer.encode(self.encoder(images))
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes (B, h, w) -> images (B, 3, H, W) in [-1, 1]."""
+        """codes (B, h, w) (continuous: latents (B, h, w, C)) -> images (B, 3, H, W) in [-1, 1]."""
         return self.decoder(self.quantizer.lookup(codes)).clamp(-1, 1)
 
     def _check_images(self, images: torch.Tensor):
