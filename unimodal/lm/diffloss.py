@@ -151,18 +151,19 @@ class DiffLoss(nn.Module):
         head's prediction this way; the same formula as the LM's logits)."""
         steps = steps or self.config.sample_steps
         noise = torch.randn((z.shape[0], self.config.token_dim), dtype=z.dtype, device=z.device, generator=generator)
-        net = self.net
-        if z_uncond is not None:
-            if z_uncond.shape != z.shape:
-                raise ValueError(f"z_uncond must have z's shape {tuple(z.shape)}, got {tuple(z_uncond.shape)}")
-            both = torch.cat([z, z_uncond])
-
-            def net(x, t, _z):  # noqa: F811 (the guided denoiser)
-                out = self.net(torch.cat([x, x]), torch.cat([t, t]), both)
-                cond, uncond = out.chunk(2)
-                return uncond + cfg_scale * (cond - uncond)
-
-        elif cfg_scale != 1.0:
+        if z_uncond is None and cfg_scale != 1.0:
             raise ValueError("cfg_scale != 1 needs z_uncond, the unconditional transformer output")
+        if z_uncond is not None and z_uncond.shape != z.shape:
+            raise ValueError(f"z_uncond must have z's shape {tuple(z.shape)}, got {tuple(z_uncond.shape)}")
+        net = self.net if z_uncond is None else self._guided(z_uncond, cfg_scale)
         return self.process.sample(net, z, noise, steps, temperature, self.config.sampler, generator=generator,
                                    x0_clip=self.config.x0_clip)  # fmt: skip
+
+    def _guided(self, z_uncond: torch.Tensor, cfg_scale: float):
+        """The denoiser under guidance: both conditions in one batch, predictions mixed u + s * (c - u)."""
+
+        def net(x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+            cond, uncond = self.net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([z, z_uncond])).chunk(2)
+            return uncond + cfg_scale * (cond - uncond)
+
+        return net
