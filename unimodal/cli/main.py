@@ -11,6 +11,7 @@ USAGE = """usage: unimodal COMMAND ...
 commands:
   tokenizer   {fit,validate} ...   stage 1: train the image tokenizer (LightningCLI; --help for options)
   transformer {fit,validate} ...   stage 2: train the transformer (LightningCLI; --help for options)
+  continuous  {fit,validate} ...   stage 2 over continuous image tokens (a kl tokenizer; diffusion head)
   sample      --bundle DIR --prompt TEXT ... --out grid.png    text-to-image sampling
   evaluate    --bundle DIR [--data SRC] --split test --json OUT  real-data metrics (FD, KID, prompt agreement), or
                                                                shapes caption fidelity; PSNR, codebook usage
@@ -31,10 +32,11 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    if command in ("tokenizer", "transformer"):
+    if command in ("tokenizer", "transformer", "continuous"):
         from unimodal.training import fit
 
-        program = fit.TokenizerCLI if command == "tokenizer" else fit.TransformerCLI
+        program = {"tokenizer": fit.TokenizerCLI, "transformer": fit.TransformerCLI,
+                   "continuous": fit.ContinuousCLI}[command]  # fmt: skip
         try:
             program(args=rest)
         except (fit.NonFiniteLossError, ValueError, FileNotFoundError, pickle.UnpicklingError) as err:

@@ -6,6 +6,9 @@
 With `quantizer: multiscale` (VAR's multi-scale residual quantizer, `tokenizers/multiscale.py`) the
 codes are the scales' maps concatenated coarse to fine: (B, L) with L = sum of s^2 over `scales`.
 
+With `quantizer: kl` the same autoencoder has a continuous Gaussian latent instead of a quantizer
+(`unimodal.tokenizers.latent`): its tokens are vectors, latents (B, h, w, latent_dim), in place of codes.
+
 Saved as a folder with `config.json` (the `ImageTokenizerConfig`) and `model.safetensors`.
 """
 
@@ -20,6 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from unimodal.tokenizers.latent import CONTINUOUS, GaussianLatent
 from unimodal.tokenizers.multiscale import MultiScaleQuantizer, check_scales
 from unimodal.tokenizers.quantizers import (
     CODEBOOK_QUANTIZERS,
@@ -47,7 +51,7 @@ class ImageTokenizerConfig:
     num_res_blocks: int = 1
     code_dim: int = 32
     codebook_size: int = 512
-    quantizer: str = "vq"  # vq | ema | l2 | gumbel | fsq (see unimodal.quantizers) | multiscale
+    quantizer: str = "vq"  # vq | ema | l2 | gumbel | fsq (see unimodal.quantizers) | multiscale | kl (continuous)
     beta: float = 0.25  # commitment weight (vq, ema, l2)
     restart_window: int = 0  # vq/ema/l2: re-seed codes unused for this many training steps (0 = never)
     entropy_weight: float = 0.0  # vq/ema/l2: weight of the codebook entropy term (0 = off; MaskGIT/LlamaGen)
@@ -62,14 +66,20 @@ class ImageTokenizerConfig:
     scale_codebook: str = "vq"  # multiscale: the codebook quantizer every scale shares (vq | ema | l2)
     phi_count: int = 4  # multiscale: refinement convolutions, shared by neighbouring scales
     phi_mix: float = 0.5  # multiscale: (1 - mix) * x + mix * conv(x)
+    latent_dim: int = 16  # kl: channels of the Gaussian latent (one image token's vector)
+    kl_weight: float = 1e-4  # kl: weight of KL(q || N(0, I)) in nats per position
 
     def __post_init__(self):
         self.channel_mult = list(self.channel_mult)
         self.gumbel_temperature = [float(t) for t in self.gumbel_temperature]
         self.fsq_levels = [int(v) for v in self.fsq_levels]
-        if self.quantizer not in (*QUANTIZERS, MULTISCALE):
-            raise ValueError(f"unknown quantizer {self.quantizer!r}; choose one of {[*QUANTIZERS, MULTISCALE]}")
+        if self.quantizer not in (*QUANTIZERS, MULTISCALE, *CONTINUOUS):
+            raise ValueError(
+                f"unknown quantizer {self.quantizer!r}; choose one of {[*QUANTIZERS, MULTISCALE, *CONTINUOUS]}"
+            )
         self._check_multiscale()
+        if self.latent_dim < 1 or self.kl_weight < 0:
+            raise ValueError(f"latent_dim must be >= 1 and kl_weight >= 0, got {self.latent_dim}, {self.kl_weight}")
         if self.restart_window < 0:
             raise ValueError(f"restart_window must be >= 0 (0 = no restart), got {self.restart_window}")
         if self.restart_window and self.codebook_quantizer not in CODEBOOK_QUANTIZERS:
@@ -159,6 +169,8 @@ def build_quantizer(c: ImageTokenizerConfig) -> Quantizer:
                                c.gumbel_kl_weight)  # fmt: skip
     if c.quantizer == "fsq":
         return FSQuantizer(c.code_dim, c.fsq_levels)
+    if c.quantizer == "kl":
+        return GaussianLatent(c.code_dim, c.latent_dim, c.kl_weight)
     raise ValueError(f"unknown quantizer {c.quantizer!r}; choose one of {QUANTIZERS}")
 
 
@@ -233,19 +245,24 @@ class ImageTokenizer(nn.Module):
         """The multi-scale quantizer's side lengths (codes are (B, sum s^2)); None for a single code grid."""
         return tuple(self.config.scales) if self.config.scales is not None else None
 
+    @property
+    def continuous(self) -> bool:
+        """Tokens are latent vectors (B, h, w, latent_dim), not code ids (`quantizer: kl`)."""
+        return self.config.quantizer in CONTINUOUS
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput]:
         q = self.quantizer(self.encoder(images))
         return self.decoder(q.z_q), q
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> codes (B, h, w) int64 ((B, L) under `multiscale`)."""
+        """(B, 3, H, W) in [-1, 1] -> codes (B, h, w) int64; (B, L) under `multiscale`; `kl`: latents (B, h, w, C)."""
         self._check_images(images)
         return self.quantizer.encode(self.encoder(images))
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes (B, h, w) ((B, L) under `multiscale`) -> images (B, 3, H, W) in [-1, 1]."""
+        """codes (B, h, w) ((B, L) under `multiscale`; `kl`: latents (B, h, w, C)) -> images (B, 3, H, W) in [-1, 1]."""
         return self.decoder(self.quantizer.lookup(codes)).clamp(-1, 1)
 
     def _check_images(self, images: torch.Tensor):

@@ -154,3 +154,16 @@ class TransformerCLI(_FitCLI):
         samples = self._get(self.config_init, "samples")
         samples.out_dir = samples.out_dir or str(self._run_config().dir / "samples")
         return super().instantiate_trainer(**kwargs)
+
+
+class ContinuousCLI(TransformerCLI):
+    """Stage 2 over continuous image tokens (a `quantizer: kl` tokenizer): latents in, a diffusion head out."""
+
+    def __init__(self, args=None, run=True):
+        from unimodal.training.continuous import ContinuousTransformerModule, LatentSequenceDataModule
+
+        _FitCLI.__init__(self, ContinuousTransformerModule, LatentSequenceDataModule, args=args, run=run)
+
+    def add_arguments_to_parser(self, parser):
+        super().add_arguments_to_parser(parser)
+        parser.link_arguments("data.latent_dim", "model.image_tokenizer_dim", apply_on="instantiate")

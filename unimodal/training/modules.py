@@ -130,7 +130,8 @@ class TokenizerModule(_ResumeOnThisDevice, L.LightningModule):
 
     def on_validation_epoch_start(self):
         k = self.tokenizer.codebook_size
-        self._val = {"psnr": 0.0, "ssim": 0.0, "n": 0, "rec": 0.0, "counts": torch.zeros(k, dtype=torch.long)}
+        self._val = {"psnr": 0.0, "ssim": 0.0, "n": 0, "rec": 0.0, "kl": 0.0,
+                     "counts": torch.zeros(k, dtype=torch.long)}  # fmt: skip
         if self.tokenizer.scales is not None:
             self._val["scale_counts"] = torch.zeros(len(self.tokenizer.scales), k, dtype=torch.long)
 
@@ -140,7 +141,10 @@ class TokenizerModule(_ResumeOnThisDevice, L.LightningModule):
         self._val["ssim"] += float(ssim(recon, images).sum())
         self._val["rec"] += float(self.pixel_loss(recon, images, reduction="sum")) / images[0].numel()
         self._val["n"] += images.shape[0]
-        self._val["counts"] += torch.bincount(q.codes.flatten().cpu(), minlength=self.tokenizer.codebook_size)
+        if self.tokenizer.continuous:  # latent vectors: no codes to count
+            self._val["kl"] += q.stats["kl"] * images.shape[0]
+        else:
+            self._val["counts"] += torch.bincount(q.codes.flatten().cpu(), minlength=self.tokenizer.codebook_size)
         if "scale_counts" in self._val:
             k = self.tokenizer.codebook_size
             self._val["scale_counts"] += scale_counts(q.codes.cpu(), self.tokenizer.scales, k)
@@ -149,11 +153,13 @@ class TokenizerModule(_ResumeOnThisDevice, L.LightningModule):
 
     def on_validation_epoch_end(self):
         v, n = self._val, max(self._val["n"], 1)
-        stats = code_statistics(v["counts"])
-        self.log_dict({
-            "val/psnr": v["psnr"] / n, "val/ssim": v["ssim"] / n, "val/rec_loss": v["rec"] / n,
-            "val/codebook_usage": stats["codebook_usage"], "val/perplexity": stats["perplexity"],
-        }, prog_bar=True)  # fmt: skip
+        metrics = {"val/psnr": v["psnr"] / n, "val/ssim": v["ssim"] / n, "val/rec_loss": v["rec"] / n}
+        if self.tokenizer.continuous:
+            metrics["val/kl"] = v["kl"] / n
+        else:
+            stats = code_statistics(v["counts"])
+            metrics.update({"val/codebook_usage": stats["codebook_usage"], "val/perplexity": stats["perplexity"]})
+        self.log_dict(metrics, prog_bar=True)
         if "scale_counts" in v:
             self.log_dict({f"val/{key}": value for key, value in scale_usage(v["scale_counts"]).items()})
             if not self.trainer.sanity_checking:
@@ -162,8 +168,9 @@ class TokenizerModule(_ResumeOnThisDevice, L.LightningModule):
             originals, recons = self._val_example
             grid = make_grid(torch.cat([originals, recons]), ncol=originals.shape[0], cell=64)
             log_image(self.trainer.loggers, "val/reconstructions", grid, self.global_step, "top: input, bottom: recon")
-            log_image(self.trainer.loggers, "val/code_usage", usage_histogram(v["counts"]), self.global_step,
-                      "uses of each code over the whole validation split, most used first")  # fmt: skip
+            if not self.tokenizer.continuous:
+                log_image(self.trainer.loggers, "val/code_usage", usage_histogram(v["counts"]), self.global_step,
+                          "uses of each code over the whole validation split, most used first")  # fmt: skip
 
     def configure_optimizers(self):
         opt = _adamw(self, self.hparams.lr, self.hparams.weight_decay, _use_fused(self.trainer), betas=(0.9, 0.99))
