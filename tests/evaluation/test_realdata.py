@@ -123,3 +123,13 @@ def test_evaluate_real_reports_each_metric_beside_its_ceiling_and_floor(bundle, 
     assert set(result["attribute_accuracy"]["style"]) == {"generated", "real", "real_train"}
     assert 0 <= result["tokenizer"]["codebook_usage"] <= 1 and result["num_captions"] == 6
     assert run() == result  # deterministic for a seed, the cached features included
+
+
+def test_evaluate_real_scores_a_bundle_of_continuous_tokens(tmp_path):
+    """Continuous latents have no codebook: the tokenizer's usage is left out, everything else is scored."""
+    from tests.generation.test_continuous import continuous_bundle
+
+    result = evaluate_real(continuous_bundle("flow"), DataSource(name=str(_folder(tmp_path / "pics"))), "test",
+                           tmp_path / "features", 4, SamplingParams(batch_size=4), features={"steps": 5})  # fmt: skip
+    assert result["tokenizer"]["codebook_usage"] is None and math.isfinite(result["tokenizer"]["psnr"])
+    assert math.isfinite(result["frechet_distance"]["generated"]) and result["num_captions"] == 4

@@ -26,8 +26,7 @@ from unimodal.data.shapes import ShapesConfig
 from unimodal.evaluation.judge import JudgeConfig, load_or_train_judge, scene_labels, scene_match
 from unimodal.generation.bundle import Bundle
 from unimodal.generation.sampling import SamplingParams
-from unimodal.tokenizers.image import psnr
-from unimodal.tokenizers.quantizers import code_statistics
+from unimodal.tokenizers.image import psnr, token_statistics
 from unimodal.viz import make_grid
 
 SPLITS = ("test", "heldout")
@@ -74,7 +73,7 @@ def evaluate_bundle(
     with torch.no_grad():
         codes = tok.encode(real)
         recon = tok.decode(codes)
-    code_stats = code_statistics(torch.bincount(codes.flatten(), minlength=tok.codebook_size))
+    code_stats = token_statistics(tok, codes)
 
     if rerank < 1:
         raise ValueError(f"rerank must be >= 1 candidates per caption, got {rerank}")
@@ -114,8 +113,8 @@ def evaluate_bundle(
         "judge_by_attribute_real": {k: v for k, v in judge_real.items() if k != "scene"},
         "tokenizer_psnr": float(psnr(recon, real).mean()),
         "tokenizer_judge_accuracy": _rates(scene_match(judge.read(recon), labels))["scene"],
-        "tokenizer_codebook_usage": code_stats["codebook_usage"],
-        "tokenizer_perplexity": code_stats["perplexity"],
+        "tokenizer_codebook_usage": code_stats.get("codebook_usage"),
+        "tokenizer_perplexity": code_stats.get("perplexity"),
         "sampling": {
             k: v for k, v in params.__dict__.items() if k in ("temperature", "top_k", "top_p", "seed", "cfg_scale")
         },

@@ -27,8 +27,7 @@ from unimodal.data.pairs import DataSource, load_pairs
 from unimodal.evaluation.features import FeatureNetConfig, load_or_train_feature_net
 from unimodal.generation.bundle import Bundle
 from unimodal.generation.sampling import SamplingParams
-from unimodal.tokenizers.image import psnr, ssim
-from unimodal.tokenizers.quantizers import code_statistics
+from unimodal.tokenizers.image import psnr, ssim, token_statistics
 from unimodal.viz import make_grid
 
 CANDIDATES = 100  # captions each image's own caption is ranked among
@@ -139,7 +138,7 @@ def evaluate_real(
     tok = bundle.image_tokenizer
     codes = torch.cat([tok.encode(x) for x in real.split(64)])
     recon = torch.cat([tok.decode(c) for c in codes.split(64)])
-    stats = code_statistics(torch.bincount(codes.flatten(), minlength=tok.codebook_size))
+    stats = token_statistics(tok, codes)
 
     generated = []
     for start in tqdm(range(0, n, params.batch_size), desc=f"generating {split}"):
@@ -184,8 +183,8 @@ def evaluate_real(
         "tokenizer": {
             "psnr": float(psnr(recon, real).mean()),
             "ssim": float(ssim(recon, real).mean()),
-            "codebook_usage": stats["codebook_usage"],
-            "perplexity": stats["perplexity"],
+            "codebook_usage": stats.get("codebook_usage"),
+            "perplexity": stats.get("perplexity"),
         },  # fmt: skip
         "feature_space": f"FeatureNet (evaluation/features.py) trained on {len(train)} real training pairs",
         "sampling": {

@@ -35,6 +35,7 @@ from unimodal.tokenizers.quantizers import (
     Quantizer,
     QuantizerOutput,
     VectorQuantizer,
+    code_statistics,
 )
 
 MULTISCALE = "multiscale"
@@ -330,3 +331,10 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 7, sigma: float = 1.5) 
     cov = blur(x * y) - mu_x * mu_y
     s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     return s.flatten(1).mean(1)
+
+
+def token_statistics(tokenizer: ImageTokenizer, tokens: torch.Tensor) -> dict[str, float]:
+    """Codebook usage and perplexity of encoded images; empty for continuous latents (nothing to count)."""
+    if tokenizer.continuous:
+        return {}
+    return code_statistics(torch.bincount(tokens.flatten(), minlength=tokenizer.codebook_size))
