@@ -124,14 +124,18 @@ def evaluate_real(
     resolution = bundle.image_tokenizer.config.resolution
     net, train, train_images = feature_net_for(source, resolution, feature_dir, **(features or {}))
     ds = load_pairs(source, split)
-    ds = ds.select(range(min(num_captions, len(ds))))
+    chosen = list(range(len(ds)))
+    if len(ds) > num_captions:  # a seeded random subset: files are often sorted by class
+        chosen = sorted(random.Random(seed).sample(chosen, num_captions))
+    ds = ds.select(chosen)
     real, keep = _real_images(ds, resolution, source.background)
     rows = ds.select(keep)
     captions = [t or "" for t in rows["text"]]
     n = len(captions)
 
     # floor: as many random training images (other rows than the evaluated ones when split is train)
-    pool = [i for i in range(len(train)) if split != "train" or i >= num_captions]
+    evaluated = set(chosen) if split == "train" else set()
+    pool = [i for i in range(len(train)) if i not in evaluated]
     floor_idx = random.Random(seed).sample(pool, min(n, len(pool)))
     floor = train_images[floor_idx]
 
