@@ -26,7 +26,7 @@ from unimodal.lm.grammar import SegmentGrammar
 from unimodal.lm.transformer import TransformerConfig, build_transformer
 from unimodal.lm.vocab import JointVocab
 from unimodal.training.datamodules import SequenceDataModule, _report_skipped, _undecoded, decode_or_skip
-from unimodal.training.modules import _adamw, _cosine, _ResumeOnThisDevice, _use_fused
+from unimodal.training.modules import _adamw, _cosine, _ResumeOnThisDevice, _use_fused, checked_vocab_and_weights
 
 
 class LatentSequenceDataModule(SequenceDataModule):
@@ -132,12 +132,7 @@ class ContinuousTransformerModule(_ResumeOnThisDevice, L.LightningModule):
         grammar_loss_mask: bool = True,
     ):
         super().__init__()
-        if vocab is None:
-            raise ValueError("ContinuousTransformerModule needs the joint vocabulary; the CLI links it from data.vocab")
-        vocab = JointVocab.from_dict(vocab) if isinstance(vocab, dict) else vocab
-        loss_weights = dict(loss_weights or {"text": 1.0, "image": 1.0})
-        if set(loss_weights) - {"text", "image"} or any(w < 0 for w in loss_weights.values()):
-            raise ValueError(f"loss_weights takes non-negative 'text' and 'image' weights, got {loss_weights}")
+        vocab, loss_weights = checked_vocab_and_weights(self, vocab, loss_weights, {"text": 1.0, "image": 1.0})
         head = replace(head, token_dim=image_tokenizer_dim, cond_dim=model.d_model)
         self.save_hyperparameters({"vocab": vocab.to_dict(), "model": asdict(model), "head": asdict(head),
                                    "image_tokenizer_dim": image_tokenizer_dim, "lr": lr, "warmup_steps": warmup_steps,

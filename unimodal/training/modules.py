@@ -180,6 +180,17 @@ class TokenizerModule(_ResumeOnThisDevice, L.LightningModule):
         return self.tokenizer.save_pretrained(directory)
 
 
+def checked_vocab_and_weights(module, vocab, loss_weights, default: dict[str, float]):
+    """A stage-2 module's joint vocabulary (from its dict form too) and segment loss weights, or a clear error."""
+    if vocab is None:
+        raise ValueError(f"{type(module).__name__} needs the joint vocabulary; the CLI links it from data.vocab")
+    vocab = JointVocab.from_dict(vocab) if isinstance(vocab, dict) else vocab
+    loss_weights = dict(loss_weights or default)
+    if set(loss_weights) - {"text", "image"} or any(w < 0 for w in loss_weights.values()):
+        raise ValueError(f"loss_weights takes non-negative 'text' and 'image' weights, got {loss_weights}")
+    return vocab, loss_weights
+
+
 class TransformerModule(_ResumeOnThisDevice, L.LightningModule):
     """Stage 2: the decoder-only transformer over joint sequences.
 
@@ -208,13 +219,7 @@ class TransformerModule(_ResumeOnThisDevice, L.LightningModule):
         compile: bool = False,
     ):
         super().__init__()
-        if vocab is None:
-            raise ValueError("TransformerModule needs the joint vocabulary; the CLI links it from data.vocab")
-        vocab = JointVocab.from_dict(vocab) if isinstance(vocab, dict) else vocab
-        loss_weights = dict(loss_weights or {"text": 1.0, "image": 7.0})
-        unknown = set(loss_weights) - {"text", "image"}
-        if unknown or any(w < 0 for w in loss_weights.values()):
-            raise ValueError(f"loss_weights takes non-negative 'text' and 'image' weights, got {loss_weights}")
+        vocab, loss_weights = checked_vocab_and_weights(self, vocab, loss_weights, {"text": 1.0, "image": 7.0})
         self.save_hyperparameters({"vocab": vocab.to_dict(), "model": asdict(model), "lr": lr,
                                    "warmup_steps": warmup_steps, "weight_decay": weight_decay,
                                    "loss_weights": loss_weights, "grammar_loss_mask": grammar_loss_mask,
