@@ -96,7 +96,8 @@ def extract_codes(
             bad_rows += len(bad)
             if not images:
                 continue
-            texts = [t or "" for i, t in enumerate(batch["text"]) if i not in set(bad)]
+            unreadable = set(bad)
+            texts = [t or "" for i, t in enumerate(batch["text"]) if i not in unreadable]
             pixels = torch.stack([image_to_tensor(im, resolution, source.background) for im in images])
             writer.write(tokenizer.encode(pixels), texts, flipped=False)
             if flip:

@@ -90,7 +90,8 @@ def _real_images(ds: datasets.Dataset, resolution: int, background: str) -> tupl
     """Decoded images of the rows that can be read, and those rows' indices."""
     undecoded = ds.cast_column("image", datasets.Image(decode=False))["image"]
     images, bad = decode_or_skip(undecoded)
-    keep = [i for i in range(len(undecoded)) if i not in set(bad)]
+    unreadable = set(bad)
+    keep = [i for i in range(len(undecoded)) if i not in unreadable]
     return images_to_tensor(images, resolution, background), keep
 
 
