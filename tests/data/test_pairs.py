@@ -108,3 +108,9 @@ def test_any_caption_column_name_in_metadata_is_found(tmp_path):
 def test_a_missing_source_says_what_to_give(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         load_pairs(DataSource(name=str(tmp_path / "nowhere.csv")), "train")
+
+
+def test_a_table_without_an_image_path_column_says_which_columns_it_has(tmp_path):
+    datasets.Dataset.from_dict({"picture_file": ["a.png"], "caption": ["one"]}).to_csv(str(tmp_path / "pairs.csv"))
+    with pytest.raises(ValueError, match="no image-path column.*picture_file"):
+        load_pairs(DataSource(name=str(tmp_path / "pairs.csv")), "train")
