@@ -23,6 +23,8 @@ whose every step multiplies the whole prefix, not one row per image.
     python -m unimodal.bench sample --grid 16             # 256-token images
     python -m unimodal.bench sample --bundle runs/x/export
     python -m unimodal.bench sample --scales 1 2 4 8 --modes dynamic   # next-scale (VAR): one forward per scale
+    python -m unimodal.bench sample --grid 16 --scales 1 2 3 4 6 8 10 13 16 --modes dynamic --beside-raster \
+        --raster-modes static fast              # both orders, one run, same model size (256-token images)
     python -m unimodal.bench sample --device cuda --grid 16 --codebook 1024 --n-layers 12 --d-model 768 \
         --n-heads 12 --ffn-hidden 2048               # GPU-sized
 """
@@ -130,6 +132,49 @@ def _model(args, config):
     return model, vocab, prompt, f"fresh model ({size}), {codes}, K={args.codebook}"
 
 
+def _time_model(model, vocab, prompt, modes, args, peak: float, fpt: float, label: str | None) -> list[dict]:
+    """One row per (batch, mode): whole sampling calls timed, with ratios against this model's own rows."""
+    next_scale = vocab.image_scales is not None
+    new_tokens = vocab.image_tokens + (0 if next_scale else 2)  # next-scale draws no <eoi> <eos>
+    steps = len(vocab.image_scales) if next_scale else new_tokens  # forwards per image
+    rows = []
+    for batch in args.batches:
+        for mode in modes:
+            if f"{mode}@{batch}" in args.skip:
+                continue
+            params = SamplingParams(seed=0, batch_size=batch, **MODES[mode])
+            prompts = [prompt] * batch
+
+            def run(params=params, prompts=prompts):
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(0)
+                    return image_codes(model, vocab, prompts, params)
+
+            start = time.perf_counter()
+            run()  # warm-up (and compilation)
+            first = time.perf_counter() - start
+            # a slow row (full recomputation at large batch) is timed by its first call alone
+            slow = first > args.slow_seconds and mode != "fast"
+            seconds = first if slow else time_it(run, repeats=args.repeats, warmup=0, device=args.device)
+            images_s = batch / seconds
+            rows.append({
+                **({"model": label} if label else {}),
+                "cache": mode, "batch": batch, "images/s": images_s, "tokens/s": images_s * new_tokens,
+                "MFU": images_s * new_tokens * fpt / peak, "ms/decoding step": 1000 * seconds / steps,
+                "s/call": seconds, "first call s": first,
+            })  # fmt: skip
+    context = round(mean_context(vocab, len(prompt)))
+    bounds = {b: step_bounds(model, b, context, fpt, args.device, peak) for b in args.batches}
+    for r in rows:
+        r.update(bounds[r["batch"]])
+    by = {(r["cache"], r["batch"]): r["images/s"] for r in rows}
+    for r in rows:
+        r["x vs none@same batch"] = r["images/s"] / by[("none", r["batch"])] if ("none", r["batch"]) in by else None
+        base = by.get((r["cache"], min(args.batches)))
+        r["x vs batch " + str(min(args.batches))] = r["images/s"] / base if base else None
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m unimodal.bench sample", description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", default=None, help="a trained bundle (default: a freshly initialised model)")
@@ -144,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=[*MODES, *ALIASES],
                    help="modes (default: all four; fast's first call per batch size compiles its step, "
                         "tens of seconds for the default model on a 2-core CPU)")  # fmt: skip
+    p.add_argument("--beside-raster", action="store_true",
+                   help="with --scales: also time the raster model of the same size and grid in this run, and "
+                        "report each row's images/s against the raster rows of the same batch")  # fmt: skip
+    p.add_argument("--raster-modes", nargs="+", default=["static"], choices=list(MODES),
+                   help="the raster model's modes under --beside-raster (default: static, the plain path)")  # fmt: skip
     p.add_argument("--skip", nargs="*", default=[], help="rows to leave out, as MODE@BATCH (e.g. none@64)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per row after a warm-up call (median)")
     p.add_argument(
@@ -169,58 +219,41 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     kept = keep_freed_memory() if args.keep_freed_memory and args.device == "cpu" else False
 
+    config = None if args.bundle else model_config(args, p)
     try:
-        model, vocab, prompt, what = _model(args, None if args.bundle else model_config(args, p))
+        models = [_model(args, config)]
     except ValueError as err:  # scales the vocabulary refuses
         p.error(str(err))
-    next_scale = vocab.image_scales is not None
-    if next_scale and args.modes != ["dynamic"]:
+    if models[0][1].image_scales is not None and args.modes != ["dynamic"]:
         p.error("next-scale images have one sampling path: pass --modes dynamic")
+    if args.beside_raster:
+        if args.bundle or not args.scales:
+            p.error("--beside-raster times a fresh next-scale model (--scales) beside the raster model of its size")
+        models.insert(0, _model(argparse.Namespace(**{**vars(args), "scales": None}), config))
     peak = measured_peak_flops(args.device)
-    fpt = flops_per_token(model, vocab, len(prompt))
-    new_tokens = vocab.image_tokens + (0 if next_scale else 2)  # next-scale draws no <eoi> <eos>
-    steps = len(vocab.image_scales) if next_scale else new_tokens  # forwards per image
-    print(f"model: {what}; {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params; "
-          f"{vocab.image_tokens} codes per image; measured peak {peak / 1e9:.1f} GFLOP/s; "
-          f"{fpt / 1e6:.2f} MFLOP per generated token; torch threads {torch.get_num_threads()}; "
-          f"malloc keeps freed memory: {kept}")  # fmt: skip
-
-    rows = []
-    for batch in args.batches:
-        for mode in args.modes:
-            if f"{mode}@{batch}" in args.skip:
-                continue
-            params = SamplingParams(seed=0, batch_size=batch, **MODES[mode])
-            prompts = [prompt] * batch
-
-            def run(params=params, prompts=prompts):
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(0)
-                    return image_codes(model, vocab, prompts, params)
-
-            start = time.perf_counter()
-            run()  # warm-up (and compilation)
-            first = time.perf_counter() - start
-            # a slow row (full recomputation at large batch) is timed by its first call alone
-            slow = first > args.slow_seconds and mode != "fast"
-            seconds = first if slow else time_it(run, repeats=args.repeats, warmup=0, device=args.device)
-            images_s = batch / seconds
-            rows.append({
-                "cache": mode, "batch": batch, "images/s": images_s, "tokens/s": images_s * new_tokens,
-                "MFU": images_s * new_tokens * fpt / peak, "ms/decoding step": 1000 * seconds / steps,
-                "s/call": seconds, "first call s": first,
-            })  # fmt: skip
-    context = round(mean_context(vocab, len(prompt)))
-    bounds = {b: step_bounds(model, b, context, fpt, args.device, peak) for b in args.batches}
-    for r in rows:
-        r.update(bounds[r["batch"]])
-    by = {(r["cache"], r["batch"]): r["images/s"] for r in rows}
-    for r in rows:
-        r["x vs none@same batch"] = r["images/s"] / by[("none", r["batch"])] if ("none", r["batch"]) in by else None
-        base = by.get((r["cache"], min(args.batches)))
-        r["x vs batch " + str(min(args.batches))] = r["images/s"] / base if base else None
-    print_table(
-        f"sampling speed ({what}, {args.device})", rows, args.json,
-        {"peak_flops": peak, "flops_per_token": fpt, "image_tokens": vocab.image_tokens, "keep_freed_memory": kept},
-    )  # fmt: skip
+    rows, extra = [], {"peak_flops": peak, "keep_freed_memory": kept}
+    for model, vocab, prompt, what in models:
+        next_scale = vocab.image_scales is not None
+        modes = args.modes if next_scale or not args.beside_raster else args.raster_modes
+        fpt = flops_per_token(model, vocab, len(prompt))
+        print(f"model: {what}; {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params; "
+              f"{vocab.image_tokens} codes per image; measured peak {peak / 1e9:.1f} GFLOP/s; "
+              f"{fpt / 1e6:.2f} MFLOP per generated token; torch threads {torch.get_num_threads()}; "
+              f"malloc keeps freed memory: {kept}")  # fmt: skip
+        label = ("next-scale" if next_scale else "raster") if args.beside_raster else None
+        rows += _time_model(model, vocab, prompt, modes, args, peak, fpt, label)
+        if label:
+            extra.setdefault("flops_per_token", {})[label] = fpt
+            extra.setdefault("image_tokens", {})[label] = vocab.image_tokens
+        else:
+            extra.update({"flops_per_token": fpt, "image_tokens": vocab.image_tokens})
+    if args.beside_raster:
+        raster = {(r["cache"], r["batch"]): r["images/s"] for r in rows if r["model"] == "raster"}
+        for r in rows:
+            for mode in args.raster_modes:
+                base = raster.get((mode, r["batch"]))
+                r[f"x vs raster {mode}"] = r["images/s"] / base if base else None
+        extra["models"] = [what for *_, what in models]
+    title = " beside ".join(what for *_, what in models)
+    print_table(f"sampling speed ({title}, {args.device})", rows, args.json, extra)
     return 0
