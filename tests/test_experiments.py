@@ -70,3 +70,13 @@ def test_emoji_recipes_parse_at_64_and_256_pixels(stage, gpu, capsys):
     if stage == "tokenizer":
         model = printed["model"]["model"]
         assert model["resolution"] // 2 ** len(model["channel_mult"]) == 16  # 16x16 = 256 image tokens either way
+
+
+def test_decoder_recipe_parses_with_print_config(capsys):
+    from unimodal.training.fit import DecoderCLI
+
+    with pytest.raises(SystemExit) as exit_:
+        DecoderCLI(args=["fit", "--config", str(FAMILIES / "decoder" / "shapes.yaml"), "--print_config"])
+    assert exit_.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["model"]["process"] == "flow" and printed["run"]["name"] == "shapes-decoder"

@@ -38,6 +38,12 @@ def _sampling_args(p: argparse.ArgumentParser):
         help="the fast path: an own image-decoding loop on a static cache, compiled once (needs --cache static; "
         "the first call compiles, for seconds to minutes on a CPU; the same images as without it)",
     )
+    p.add_argument(
+        "--decoder",
+        choices=["auto", "vq", "diffusion"],
+        default="auto",
+        help="codes -> pixels: the bundle's diffusion decoder if it has one (auto), or the VQ decoder",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -47,7 +53,7 @@ def _params(args, images_per_prompt: int = 1):
     return SamplingParams(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, greedy=args.greedy,
         seed=args.seed, images_per_prompt=images_per_prompt, batch_size=args.batch_size,
-        cfg_scale=args.cfg_scale, cache=args.cache, compile=args.compile,
+        cfg_scale=args.cfg_scale, cache=args.cache, compile=args.compile, decoder=args.decoder,
     )  # fmt: skip
 
 
@@ -280,6 +286,60 @@ def extract_main(argv: list[str]) -> int:
     info = extract_codes(tokenizer, args.tokenizer, source, args.out, tuple(args.splits), args.flip,
                          args.rows_per_shard, args.batch_size)  # fmt: skip
     print(json.dumps(info, indent=2))
+    return 0
+
+
+def attach_main(argv: list[str]) -> int:
+    p = make_parser(
+        "decoder attach",
+        "Put the diffusion decoder of a `unimodal decoder fit` export into a trained bundle with the same image "
+        "tokenizer; `sample` and `evaluate` then decode with it (their --decoder vq keeps the VQ decoder).",
+    )
+    p.add_argument("--bundle", required=True, help="trained bundle folder")
+    p.add_argument("--tokenizer", required=True, help="export of `unimodal decoder fit` (tokenizer + pixel_decoder/)")
+    args = p.parse_args(argv)
+    from unimodal.training.decoder import attach
+
+    print(f"diffusion decoder -> {attach(args.bundle, args.tokenizer)}")
+    return 0
+
+
+def decoder_compare_main(argv: list[str]) -> int:
+    p = make_parser(
+        "decoder compare",
+        "The VQ decoder and the diffusion decoder of a `unimodal decoder fit` export on the same codes of real "
+        "images: PSNR, SSIM, Fréchet distance in the data's evaluation features, ms per image, per sampling steps.",
+    )
+    p.add_argument("--tokenizer", required=True, help="export of `unimodal decoder fit` (or a bundle with a decoder)")
+    p.add_argument("--data", default="shapes", help="data source the images come from (default: the built-in shapes)")
+    p.add_argument("--split", default="test", help="split to decode (default test)")
+    p.add_argument("--num-images", type=_positive_int, default=500, help="images to decode (default 500)")
+    p.add_argument("--steps", type=_positive_int, nargs="+", default=[5, 10, 20, 50],
+                   help="sampling steps of the diffusion decoder to compare (default 5 10 20 50)")  # fmt: skip
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--cache-dir", default=None, help="where the evaluation network is cached (default: TOKENIZER/eval)")
+    p.add_argument("--json", default=None, help="write the results here as JSON")
+    p.add_argument("--grid", default=None, help="write a PNG of originals and each decoder's images")
+    args = p.parse_args(argv)
+    from unimodal.data.pairs import DataSource
+    from unimodal.evaluation.decoders import compare_decoders, feature_fn, format_table, real_images
+    from unimodal.evaluation.evaluate import write_json
+    from unimodal.tokenizers.image import ImageTokenizer
+    from unimodal.training.decoder import tokenizer_folder
+
+    folder = tokenizer_folder(args.tokenizer)
+    tokenizer = ImageTokenizer.from_pretrained(folder)
+    r = tokenizer.config.resolution
+    source = DataSource(name=args.data)
+    images = real_images(source, args.split, r, args.num_images)
+    reference = real_images(source, "train", r, images.shape[0])
+    features = feature_fn(source, r, args.cache_dir or folder / "eval")
+    result = compare_decoders(tokenizer, images, features, reference, tuple(args.steps), args.batch_size,
+                              grid_path=args.grid)  # fmt: skip
+    result.update({"tokenizer": str(folder), "data": args.data, "split": args.split})
+    print(format_table(result))
+    if args.json:
+        write_json(result, args.json)
     return 0
 
 

@@ -12,6 +12,9 @@ commands:
   tokenizer   {fit,validate} ...   stage 1: train the image tokenizer (LightningCLI; --help for options)
   transformer {fit,validate} ...   stage 2: train the transformer (LightningCLI; --help for options)
   continuous  {fit,validate} ...   stage 2 over continuous image tokens (a kl tokenizer; diffusion head)
+  decoder     {fit,validate} ...   after stage 1: a diffusion decoder from codes to pixels (optional)
+  decoder attach --bundle DIR --tokenizer DIR                  put a trained diffusion decoder into a bundle
+  decoder compare --tokenizer DIR [--data SRC] --steps N ...   VQ vs diffusion decoder on the same codes
   sample      --bundle DIR --prompt TEXT ... --out grid.png    text-to-image sampling
   evaluate    --bundle DIR [--data SRC] --split test --json OUT  real-data metrics (FD, KID, prompt agreement), or
                                                                shapes caption fidelity; PSNR, codebook usage
@@ -32,11 +35,13 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    if command in ("tokenizer", "transformer", "continuous"):
+    if command == "decoder" and rest[:1] in (["attach"], ["compare"]):
+        command, rest = f"decoder {rest[0]}", rest[1:]
+    if command in ("tokenizer", "transformer", "continuous", "decoder"):
         from unimodal.training import fit
 
         program = {"tokenizer": fit.TokenizerCLI, "transformer": fit.TransformerCLI,
-                   "continuous": fit.ContinuousCLI}[command]  # fmt: skip
+                   "continuous": fit.ContinuousCLI, "decoder": fit.DecoderCLI}[command]  # fmt: skip
         try:
             program(args=rest)
         except (fit.NonFiniteLossError, ValueError, FileNotFoundError, pickle.UnpicklingError) as err:
@@ -51,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "sample": "sample_main", "evaluate": "evaluate_main", "caption": "caption_main",
         "compare": "compare_main", "demo": "demo_main", "sweep": "sweep_main", "reconstruct": "reconstruct_main",
-        "extract": "extract_main",
+        "extract": "extract_main", "decoder attach": "attach_main", "decoder compare": "decoder_compare_main",
     }  # fmt: skip
     if command not in commands:
         print(f"unimodal: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)

@@ -70,9 +70,10 @@ def evaluate_bundle(
     judge_real = _rates(scene_match(judge.read(real), labels))
 
     tok = bundle.image_tokenizer
-    with torch.no_grad():
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):  # a diffusion decoder samples: seeded
+        torch.manual_seed(params.seed)
         codes = tok.encode(real)
-        recon = tok.decode(codes)
+        recon = tok.decode(codes, params.decoder)
     code_stats = token_statistics(tok, codes)
 
     if rerank < 1:

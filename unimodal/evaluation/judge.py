@@ -50,10 +50,20 @@ class Judge(nn.Module):
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """images (B, 3, R, R) -> {attribute: logits (B, 4 quadrants, values + 1)}."""
+        h = self._quadrants(images)  # (B*4, 128)
+        return {k: out(h).view(images.shape[0], 4, -1) for k, out in self.outputs.items()}
+
+    def _quadrants(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, R, R) -> the hidden layer of each quadrant, (B * 4, 128)."""
         f = self.features(images)  # (B, 64, 8, 8)
         quads = torch.stack([f[:, :, r * 4 : r * 4 + 4, c * 4 : c * 4 + 4] for r in (0, 1) for c in (0, 1)], 1)
-        h = self.head(quads.flatten(0, 1))  # (B*4, 128)
-        return {k: out(h).view(images.shape[0], 4, -1) for k, out in self.outputs.items()}
+        return self.head(quads.flatten(0, 1))
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """images -> (B, 4 * 128) features: the hidden layer of each quadrant, concatenated (for Fréchet distances)."""
+        self.eval()
+        return torch.cat([self._quadrants(x).view(x.shape[0], -1) for x in images.split(batch_size)])
 
     @torch.no_grad()
     def read(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

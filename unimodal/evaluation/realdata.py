@@ -142,7 +142,9 @@ def evaluate_real(
 
     tok = bundle.image_tokenizer
     codes = torch.cat([tok.encode(x) for x in real.split(64)])
-    recon = torch.cat([tok.decode(c) for c in codes.split(64)])
+    with torch.random.fork_rng(devices=[]):  # a diffusion decoder samples: seeded
+        torch.manual_seed(params.seed)
+        recon = torch.cat([tok.decode(c, params.decoder) for c in codes.split(64)])
     stats = token_statistics(tok, codes)
 
     generated = []

@@ -163,6 +163,7 @@ def generate_images(model, vocab, text_tokenizer, image_tokenizer, prompts: list
         torch.manual_seed(params.seed)
         for start in range(0, len(rows), params.batch_size):
             codes = image_codes(model, vocab, rows[start : start + params.batch_size], params)
-            images.append(image_tokenizer.decode(codes.to(next(image_tokenizer.parameters()).device)).cpu())
+            codes = codes.to(next(image_tokenizer.parameters()).device)
+            images.append(image_tokenizer.decode(codes, params.decoder).cpu())
     model.train(was_training)
     return torch.cat(images)

@@ -93,7 +93,8 @@ def generate_continuous_images(backbone, head, vocab, text_tokenizer, image_toke
     for start in range(0, len(rows), params.batch_size):
         latents = generate_latents(backbone, head, vocab, rows[start : start + params.batch_size], params,
                                    cfg_schedule, generator)  # fmt: skip
-        images.append(image_tokenizer.decode(latents.to(next(image_tokenizer.parameters()).device)).cpu())
+        latents = latents.to(next(image_tokenizer.parameters()).device)
+        images.append(image_tokenizer.decode(latents, params.decoder).cpu())
     backbone.train(was_training[0])
     head.train(was_training[1])
     return torch.cat(images)

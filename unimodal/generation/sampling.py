@@ -29,6 +29,7 @@ from transformers import (
 from unimodal.lm.grammar import GrammarLogitsProcessor, SegmentGrammar
 
 CACHES = ("dynamic", "static")
+DECODERS = ("auto", "vq", "diffusion")
 
 
 @dataclass
@@ -37,7 +38,8 @@ class SamplingParams:
     (the default: preallocated) or "dynamic" (grows by one position per step); `use_cache=False`
     recomputes the whole prefix at every step (for comparisons). `compile` takes the fast path
     (`unimodal.generation.fast`: an own image-decoding loop on a static cache, compiled once; the
-    first call compiles, for seconds to minutes on a CPU)."""
+    first call compiles, for seconds to minutes on a CPU). `decoder` turns codes into pixels: "auto"
+    (the image tokenizer's diffusion decoder when it has one, else its VQ decoder), "vq" or "diffusion"."""
 
     temperature: float = 1.0
     top_k: int | None = None
@@ -50,6 +52,7 @@ class SamplingParams:
     cfg_scale: float = 1.0
     cache: str | None = None  # None: "static" when use_cache
     compile: bool = False
+    decoder: str = "auto"
 
     def __post_init__(self):
         if not (isinstance(self.temperature, int | float) and math.isfinite(self.temperature) and self.temperature > 0):
@@ -68,6 +71,8 @@ class SamplingParams:
             raise ValueError(f"cache must be one of {CACHES} (got {self.cache!r})")
         if not self.use_cache and (self.cache is not None or self.compile):
             raise ValueError("cache and compile need use_cache=True")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS} (got {self.decoder!r})")
         if self.compile and self.kv_cache != "static":
             raise ValueError("compile needs cache='static' (a compiled forward needs fixed shapes)")
 

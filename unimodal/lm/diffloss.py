@@ -1,6 +1,6 @@
 """The diffusion head of continuous image tokens (MAR, Li et al. 2024): a small MLP that models
 p(x | z), the distribution of one token's latent vector x (D,) given the transformer's output z (Z,)
-at that position, through a noise process of `unimodal.lm.diffusion` (DDPM or flow matching).
+at that position, through a noise process of `unimodal.diffusion` (DDPM or flow matching).
 
     loss(target (N, D), z (N, Z), mask (N,)) -> scalar      the denoising loss, `batch_mul` draws per token
     sample(z (N, Z), steps, temperature, cfg_scale, z_uncond) -> x (N, D)
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unimodal.lm.diffusion import PROCESSES, SAMPLERS, build_process
+from unimodal.diffusion import PROCESSES, SAMPLERS, build_process
 
 
 @dataclass

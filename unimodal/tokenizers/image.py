@@ -9,7 +9,10 @@ codes are the scales' maps concatenated coarse to fine: (B, L) with L = sum of s
 With `quantizer: kl` the same autoencoder has a continuous Gaussian latent instead of a quantizer
 (`unimodal.tokenizers.latent`): its tokens are vectors, latents (B, h, w, latent_dim), in place of codes.
 
-Saved as a folder with `config.json` (the `ImageTokenizerConfig`) and `model.safetensors`.
+Saved as a folder with `config.json` (the `ImageTokenizerConfig`) and `model.safetensors`. A folder
+may also hold `pixel_decoder/`, a diffusion decoder trained after stage 1 (`tokenizers/pixel_diffusion.py`,
+`unimodal decoder fit`): `decode` then samples pixels with it, and `decode(codes, decoder="vq")` keeps
+the VQ decoder.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from torch import nn
 
 from unimodal.tokenizers.latent import CONTINUOUS, GaussianLatent
 from unimodal.tokenizers.multiscale import MultiScaleQuantizer, check_scales
+from unimodal.tokenizers.pixel_diffusion import FOLDER as PIXEL_DECODER_FOLDER
+from unimodal.tokenizers.pixel_diffusion import PixelDiffusionDecoder
 from unimodal.tokenizers.quantizers import (
     CODEBOOK_QUANTIZERS,
     QUANTIZERS,
@@ -232,6 +237,7 @@ class ImageTokenizer(nn.Module):
         self.encoder = Encoder(config)
         self.quantizer = build_quantizer(config)
         self.decoder = Decoder(config)
+        self.pixel_decoder: PixelDiffusionDecoder | None = None  # a diffusion decoder after the codes, if trained
 
     @property
     def codebook_size(self) -> int:
@@ -262,8 +268,17 @@ class ImageTokenizer(nn.Module):
         return self.quantizer.encode(self.encoder(images))
 
     @torch.no_grad()
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes (B, h, w) ((B, L) under `multiscale`; `kl`: latents (B, h, w, C)) -> images (B, 3, H, W) in [-1, 1]."""
+    def decode(self, codes: torch.Tensor, decoder: str = "auto") -> torch.Tensor:
+        """codes (B, h, w) ((B, L) under `multiscale`; `kl`: latents (B, h, w, C)) -> images (B, 3, H, W) in [-1, 1].
+
+        decoder: "auto" (the diffusion decoder when the folder has one, else the VQ decoder), "vq" or
+        "diffusion"."""
+        if decoder not in ("auto", "vq", "diffusion"):
+            raise ValueError(f"decoder must be 'auto', 'vq' or 'diffusion', got {decoder!r}")
+        if decoder == "diffusion" and self.pixel_decoder is None:
+            raise ValueError("this image tokenizer has no diffusion decoder; train one with `unimodal decoder fit`")
+        if self.pixel_decoder is not None and decoder != "vq":
+            return self.pixel_decoder.decode(self, codes)
         return self.decoder(self.quantizer.lookup(codes)).clamp(-1, 1)
 
     def _check_images(self, images: torch.Tensor):
@@ -277,8 +292,11 @@ class ImageTokenizer(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
         tmp = directory / (WEIGHTS_FILE + ".tmp")
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(tmp))
+        own = {k: v.contiguous() for k, v in self.state_dict().items() if not k.startswith("pixel_decoder.")}
+        save_file(own, str(tmp))  # the tokenizer's weights alone: their digest names the codes
         tmp.replace(directory / WEIGHTS_FILE)
+        if self.pixel_decoder is not None:
+            self.pixel_decoder.save_pretrained(directory / PIXEL_DECODER_FOLDER)
         return directory
 
     @classmethod
@@ -299,6 +317,8 @@ class ImageTokenizer(nn.Module):
                 f"{directory} does not match its config.json (missing {missing[:3]}, unexpected {unexpected[:3]}); "
                 "re-export it with `unimodal tokenizer fit`."
             )
+        if (directory / PIXEL_DECODER_FOLDER).is_dir():
+            model.pixel_decoder = PixelDiffusionDecoder.from_pretrained(directory / PIXEL_DECODER_FOLDER)
         return model.eval()
 
 

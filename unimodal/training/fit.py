@@ -2,6 +2,7 @@
 
     unimodal tokenizer fit --config experiments/shapes/tokenizer.yaml
     unimodal transformer fit --config experiments/shapes/transformer.yaml
+    unimodal decoder fit --config experiments/decoder/shapes.yaml   (optional: a diffusion decoder after stage 1)
 
 Beyond the usual `trainer`/`model`/`data` sections, each run has `run` (name, output folder, W&B
 project/group), `export` (where the trained artifact goes), and stage 2 has `samples` (the prompts
@@ -154,6 +155,31 @@ class TransformerCLI(_FitCLI):
         samples = self._get(self.config_init, "samples")
         samples.out_dir = samples.out_dir or str(self._run_config().dir / "samples")
         return super().instantiate_trainer(**kwargs)
+
+
+class DecoderCLI(_FitCLI):
+    """After stage 1: train a diffusion decoder from the frozen tokenizer's codes to pixels."""
+
+    def __init__(self, args=None, run=True):
+        from unimodal.training.decoder import DecoderModule
+
+        super().__init__(DecoderModule, ImageDataModule, args=args, run=run)
+
+    def before_instantiate_classes(self):
+        """The images are the tokenizer's size: data.resolution follows model.tokenizer."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        config.data.resolution = _tokenizer_resolution(config.model.tokenizer)
+
+
+def _tokenizer_resolution(path: str) -> int:
+    from unimodal.tokenizers.image import load_config
+    from unimodal.training.decoder import tokenizer_folder
+
+    folder = tokenizer_folder(path)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"model.tokenizer {path} is not an image tokenizer folder (no config.json); "
+                         "give the export of `unimodal tokenizer fit` or a bundle")  # fmt: skip
+    return load_config(folder).resolution
 
 
 class ContinuousCLI(TransformerCLI):

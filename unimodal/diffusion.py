@@ -1,7 +1,8 @@
-"""Noise processes for a per-token diffusion head: DDPM, its respacing and DDIM, and flow matching.
+"""Noise processes for the diffusion models here (the per-token head, the pixel decoder): DDPM, its
+respacing and DDIM, and flow matching.
 
-A process turns a clean vector x0 (N, D) into a training example and turns a denoiser back into
-samples. The denoiser is any `net(x_t (N, D), t (N,) float, z (N, Z)) -> (N, D)`; what it predicts
+A process turns a clean vector x0 (N, D) (or an image (N, C, H, W)) into a training example and turns
+a denoiser back into samples. The denoiser is any `net(x_t (N, D), t (N,) float, z (N, Z)) -> (N, D)`; what it predicts
 is the process's `target`: the noise for DDPM/DDIM, the velocity for flow matching.
 
     training_example(x0, noise) -> (x_t, t, target)      what the head learns to predict at (x_t, t)
@@ -74,6 +75,11 @@ def respaced_betas(alphas_cumprod: torch.Tensor, kept: torch.Tensor) -> torch.Te
     return 1 - ab / previous
 
 
+def per_example(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(N,) -> (N, 1, ...) broadcasting over the other dimensions of `like` (vectors or images)."""
+    return values.view(-1, *([1] * (like.dim() - 1)))
+
+
 class GaussianDiffusion:
     """DDPM / DDIM over a cosine schedule of `num_steps` steps; the denoiser predicts the noise."""
 
@@ -85,9 +91,9 @@ class GaussianDiffusion:
         self.alphas_cumprod = torch.cumprod(1 - self.betas, 0)
 
     def training_example(self, x0: torch.Tensor, noise: torch.Tensor, generator=None):
-        """x0, noise (N, D) -> x_t (N, D), the step t (N,) as float, the target (the noise)."""
+        """x0, noise (N, ...) -> x_t (N, ...), the step t (N,) as float, the target (the noise)."""
         t = torch.randint(0, self.num_steps, (x0.shape[0],), device=x0.device, generator=generator)
-        ab = self.alphas_cumprod.to(x0.device)[t].to(x0.dtype)[:, None]
+        ab = per_example(self.alphas_cumprod.to(x0.device)[t].to(x0.dtype), x0)
         return ab.sqrt() * x0 + (1 - ab).sqrt() * noise, t.to(x0.dtype), noise
 
     def chain(self, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,7 +145,7 @@ class FlowMatching:
 
     def training_example(self, x0: torch.Tensor, noise: torch.Tensor, generator=None):
         t = torch.rand((x0.shape[0],), device=x0.device, dtype=x0.dtype, generator=generator)
-        x_t = (1 - t[:, None]) * x0 + t[:, None] * noise
+        x_t = (1 - per_example(t, x0)) * x0 + per_example(t, x0) * noise
         return x_t, t * self.time_scale, noise - x0
 
     @torch.no_grad()

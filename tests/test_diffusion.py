@@ -4,7 +4,7 @@ sampler reaching the data distribution when given the exact denoiser of Gaussian
 import pytest
 import torch
 
-from unimodal.lm.diffusion import (
+from unimodal.diffusion import (
     FlowMatching,
     GaussianDiffusion,
     cosine_alpha_bar,
