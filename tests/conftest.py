@@ -104,10 +104,19 @@ def start_unimodal(log: Path, *args: str) -> Started:
     return Started([sys.executable, "-m", "unimodal", *args], log)
 
 
+# Session fixtures that train something: under pytest-xdist (`-n 2`) each worker process would build its own
+# copy, so the tests that share one run on one worker (`--dist loadgroup`).
+SHARED_RUNS = {"trained": "trained", "stage1": "resume", "stage2": "resume"}
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
-        if "trained" in getattr(item, "fixturenames", ()):
+        names = getattr(item, "fixturenames", ())
+        if "trained" in names:
             item.add_marker(pytest.mark.slow)  # it fits both stages (once per test run)
+        groups = sorted({group for fixture, group in SHARED_RUNS.items() if fixture in names})
+        if groups:
+            item.add_marker(pytest.mark.xdist_group("+".join(groups)))
 
 
 @pytest.fixture(scope="session")

@@ -39,6 +39,18 @@ PROCESSES = ("ddpm", "flow")
 SAMPLERS = {"ddpm": ("ddpm", "ddim"), "flow": ("euler",)}
 
 
+def resolve_sampler(process: str, sampler: str | None) -> str:
+    """The sampler to use: `sampler`, or the process's first when None; a sampler of another process is refused.
+    (Configs keep None until use, so that changing only the process of a default config stays valid.)"""
+    if process not in PROCESSES:
+        raise ValueError(f"process must be one of {PROCESSES}, got {process!r}")
+    if sampler is None:
+        return SAMPLERS[process][0]
+    if sampler not in SAMPLERS[process]:
+        raise ValueError(f"sampler for {process} must be one of {SAMPLERS[process]}, got {sampler!r}")
+    return sampler
+
+
 def cosine_alpha_bar(s: torch.Tensor, num_steps: int, offset: float = 0.008) -> torch.Tensor:
     """The cosine schedule's closed form f(s) / f(0) at (fractional) steps s in [0, num_steps]."""
 

@@ -1,9 +1,12 @@
 """The diffusion head: its config checks, identity start, guidance at scale 1, and - the test that can
 fail - the head alone learning a 2-D distribution conditioned on a class vector, under both processes."""
 
+import dataclasses
+
 import pytest
 import torch
 
+from unimodal.diffusion import resolve_sampler
 from unimodal.lm.diffloss import DiffLoss, DiffLossConfig
 
 # class 0: two modes, weights 0.3 / 0.7; class 1: one correlated Gaussian
@@ -27,7 +30,11 @@ def test_config_refuses_a_sampler_of_the_other_process():
         DiffLossConfig(process="flow", sampler="ddim")
     with pytest.raises(ValueError, match="process"):
         DiffLossConfig(process="score")
-    assert DiffLossConfig(process="flow").sampler == "euler" and DiffLossConfig().sampler == "ddpm"
+    assert resolve_sampler("flow", DiffLossConfig(process="flow").sampler) == "euler"
+    assert resolve_sampler("ddpm", DiffLossConfig().sampler) == "ddpm"
+    # the default config with only its process changed (a command-line `--model.head.process flow`) is valid
+    changed = dataclasses.replace(DiffLossConfig(), process="flow")
+    assert DiffLoss(changed).sample(torch.zeros(2, changed.cond_dim), generator=torch.Generator()).shape == (2, 16)
 
 
 def test_an_untrained_head_predicts_zero():

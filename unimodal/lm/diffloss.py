@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unimodal.diffusion import PROCESSES, SAMPLERS, build_process
+from unimodal.diffusion import build_process, resolve_sampler
 
 
 @dataclass
@@ -44,14 +44,7 @@ class DiffLossConfig:
     x0_clip: float | None = 5.0
 
     def __post_init__(self):
-        if self.process not in PROCESSES:
-            raise ValueError(f"process must be one of {PROCESSES}, got {self.process!r}")
-        if self.sampler is None:
-            self.sampler = SAMPLERS[self.process][0]
-        if self.sampler not in SAMPLERS[self.process]:
-            raise ValueError(
-                f"sampler for {self.process} must be one of {SAMPLERS[self.process]}, got {self.sampler!r}"
-            )
+        resolve_sampler(self.process, self.sampler)  # refuses an unknown process or a sampler of another one
         if min(self.token_dim, self.cond_dim, self.width, self.depth, self.batch_mul, self.sample_steps) < 1:
             raise ValueError("token_dim, cond_dim, width, depth, batch_mul and sample_steps must be >= 1")
         if self.x0_clip is not None and self.x0_clip <= 0:
@@ -156,7 +149,8 @@ class DiffLoss(nn.Module):
         if z_uncond is not None and z_uncond.shape != z.shape:
             raise ValueError(f"z_uncond must have z's shape {tuple(z.shape)}, got {tuple(z_uncond.shape)}")
         net = self.net if z_uncond is None else self._guided(z_uncond, cfg_scale)
-        return self.process.sample(net, z, noise, steps, temperature, self.config.sampler, generator=generator,
+        sampler = resolve_sampler(self.config.process, self.config.sampler)
+        return self.process.sample(net, z, noise, steps, temperature, sampler, generator=generator,
                                    x0_clip=self.config.x0_clip)  # fmt: skip
 
     def _guided(self, z_uncond: torch.Tensor, cfg_scale: float):

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from unimodal.diffusion import PROCESSES, SAMPLERS, build_process
+from unimodal.diffusion import build_process, resolve_sampler
 
 FOLDER = "pixel_decoder"
 CONFIG_FILE = "config.json"
@@ -60,12 +60,7 @@ class PixelDiffusionConfig:
 
     def __post_init__(self):
         self.channel_mult = [int(m) for m in self.channel_mult]
-        if self.process not in PROCESSES:
-            raise ValueError(f"process must be one of {PROCESSES}, got {self.process!r}")
-        self.sampler = self.sampler or SAMPLERS[self.process][0]
-        if self.sampler not in SAMPLERS[self.process]:
-            raise ValueError(f"sampler {self.sampler!r} does not go with process {self.process!r}; "
-                             f"choose one of {SAMPLERS[self.process]}")  # fmt: skip
+        resolve_sampler(self.process, self.sampler)  # refuses an unknown process or a sampler of another one
         if self.channels < 8 or self.channels % 8 or not self.channel_mult or min(self.channel_mult) < 1:
             raise ValueError("channels must be a multiple of 8 and channel_mult a non-empty list of integers >= 1")
         if self.num_res_blocks < 1 or self.sampling_steps < 1 or self.temperature < 0:
@@ -200,7 +195,7 @@ class PixelDiffusionDecoder(nn.Module):
         clip = (2.0 / scale) if c.predict_residual else 1.0
         x0 = self.process.sample(
             lambda x, t, z: self.net(x, t, z), cond, noise, steps=steps or c.sampling_steps,
-            temperature=c.temperature, sampler=c.sampler, generator=generator,
+            temperature=c.temperature, sampler=resolve_sampler(c.process, c.sampler), generator=generator,
             x0_clip=clip if c.process == "ddpm" else None,
         )  # fmt: skip
         return ((recon + scale * x0) if c.predict_residual else x0).clamp(-1, 1)
