@@ -161,3 +161,10 @@ def test_compare_decoders_scores_both_on_the_same_codes(tmp_path):
     assert (tmp_path / "grid.png").is_file() and "| diffusion | 3 |" in format_table(result)
     with pytest.raises(ValueError, match="no diffusion decoder"):
         compare_decoders(ImageTokenizer(TOK), images, features)
+
+
+def test_an_untrained_decoder_is_refused():
+    tok = ImageTokenizer(TOK).eval()
+    tok.pixel_decoder = PixelDiffusionDecoder(SMALL, TOK.code_dim, TOK.resolution)
+    with pytest.raises(ValueError, match="never trained"):
+        tok.decode(tok.encode(torch.rand(1, 3, 16, 16)))

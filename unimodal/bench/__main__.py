@@ -11,6 +11,7 @@ SUBCOMMANDS = {
     "train": "stage-2 training tokens/s and MFU (Lightning vs bare loop); stage-1 images/s",
     "data": "input pipeline samples/s vs the model's consumption rate",
     "profile": "where one training step or sampling call spends its time (torch.profiler + cProfile)",
+    "bundles": "seconds per image of trained bundles side by side (any representation), over diffusion steps",
     "scale": "N synthetic pairs built, codes extracted to shards, one epoch streamed: rows/s and peak memory",
 }
 

@@ -188,6 +188,9 @@ class PixelDiffusionDecoder(nn.Module):
     def decode(self, tokenizer, codes: torch.Tensor, steps: int | None = None, generator=None) -> torch.Tensor:
         """codes -> images (B, 3, H, W) in [-1, 1], sampled with the configured sampler."""
         c = self.config
+        if c.predict_residual and float(self.residual_scale) == 0:
+            raise ValueError("this diffusion decoder was never trained (its residual scale is unmeasured); "
+                             "train it with `unimodal decoder fit`")  # fmt: skip
         recon, cond = self.condition(tokenizer, codes)
         noise = torch.randn(recon.shape, dtype=recon.dtype, device=recon.device, generator=generator)
         scale = self._scale()
