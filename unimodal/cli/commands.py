@@ -23,6 +23,8 @@ def _positive_int(text: str) -> int:
 
 
 def _sampling_args(p: argparse.ArgumentParser):
+    from unimodal.tokenizers.image import DECODERS
+
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature > 0 (default 1.0)")
     p.add_argument("--top-k", type=int, default=None, help="keep the k most likely allowed ids (default: all)")
@@ -40,7 +42,7 @@ def _sampling_args(p: argparse.ArgumentParser):
     )
     p.add_argument(
         "--decoder",
-        choices=["auto", "vq", "diffusion"],
+        choices=DECODERS,
         default="auto",
         help="codes -> pixels: the bundle's diffusion decoder if it has one (auto), or the VQ decoder",
     )

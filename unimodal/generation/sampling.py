@@ -27,9 +27,9 @@ from transformers import (
 )
 
 from unimodal.lm.grammar import GrammarLogitsProcessor, SegmentGrammar
+from unimodal.tokenizers.image import DECODERS
 
 CACHES = ("dynamic", "static")
-DECODERS = ("auto", "vq", "diffusion")
 
 
 @dataclass

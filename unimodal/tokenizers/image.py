@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from unimodal.tokenizers.folder import CONFIG_FILE, WEIGHTS_FILE, write_folder
 from unimodal.tokenizers.latent import CONTINUOUS, GaussianLatent
 from unimodal.tokenizers.multiscale import MultiScaleQuantizer, check_scales
 from unimodal.tokenizers.pixel_diffusion import FOLDER as PIXEL_DECODER_FOLDER
@@ -45,8 +46,7 @@ from unimodal.tokenizers.quantizers import (
 
 MULTISCALE = "multiscale"
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
+DECODERS = ("auto", "vq", "diffusion")  # what `decode` can turn codes into pixels with
 
 
 @dataclass
@@ -273,8 +273,8 @@ class ImageTokenizer(nn.Module):
 
         decoder: "auto" (the diffusion decoder when the folder has one, else the VQ decoder), "vq" or
         "diffusion"."""
-        if decoder not in ("auto", "vq", "diffusion"):
-            raise ValueError(f"decoder must be 'auto', 'vq' or 'diffusion', got {decoder!r}")
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
         if decoder == "diffusion" and self.pixel_decoder is None:
             raise ValueError("this image tokenizer has no diffusion decoder; train one with `unimodal decoder fit`")
         if self.pixel_decoder is not None and decoder != "vq":
@@ -289,12 +289,9 @@ class ImageTokenizer(nn.Module):
     # ---- persistence: config.json + model.safetensors
     def save_pretrained(self, directory: str | Path) -> Path:
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
-        tmp = directory / (WEIGHTS_FILE + ".tmp")
-        own = {k: v.contiguous() for k, v in self.state_dict().items() if not k.startswith("pixel_decoder.")}
-        save_file(own, str(tmp))  # the tokenizer's weights alone: their digest names the codes
-        tmp.replace(directory / WEIGHTS_FILE)
+        # the tokenizer's weights alone: their digest names the codes
+        own = {k: v for k, v in self.state_dict().items() if not k.startswith("pixel_decoder.")}
+        write_folder(directory, asdict(self.config), own)
         if self.pixel_decoder is not None:
             self.pixel_decoder.save_pretrained(directory / PIXEL_DECODER_FOLDER)
         return directory

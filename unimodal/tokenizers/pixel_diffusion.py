@@ -35,14 +35,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from unimodal.diffusion import build_process, resolve_sampler
+from unimodal.tokenizers.folder import CONFIG_FILE, WEIGHTS_FILE, write_folder
 
 FOLDER = "pixel_decoder"
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 
 
 @dataclass
@@ -205,14 +204,8 @@ class PixelDiffusionDecoder(nn.Module):
 
     # ---- persistence: FOLDER/config.json (+ the conditioning sizes) + FOLDER/model.safetensors
     def save_pretrained(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         meta = {**asdict(self.config), "code_dim": self.code_dim, "resolution": self.resolution}
-        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-        tmp = directory / (WEIGHTS_FILE + ".tmp")
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(tmp))
-        tmp.replace(directory / WEIGHTS_FILE)
-        return directory
+        return write_folder(directory, meta, self.state_dict())
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> PixelDiffusionDecoder:
