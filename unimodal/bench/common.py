@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from unimodal.timing import sync, time_it  # noqa: F401  (the benchmarks import them from here)
 
 # Square matmul sides timed for the peak. A CPU's peak can need a large matmul to show (small ones
 # leave the threads waiting on each other), a GPU's needs larger ones still to fill its SMs.
@@ -132,26 +133,6 @@ def measured_peak_flops(
     finally:
         torch.set_num_threads(original)
     return PeakFlops(best[0], best[1], timed, time.perf_counter() - start)
-
-
-def time_it(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, device: str = "cpu") -> float:
-    """Median seconds per call of `fn`, after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
-def sync(device: str | torch.device):
-    """Wait for queued GPU work, so wall-clock timers measure it (a no-op on CPU)."""
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def default_device() -> str:

@@ -16,7 +16,6 @@ diffusion decoder at each number of sampling steps, and report per decoder
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ from unimodal.data.images import images_to_tensor
 from unimodal.data.pairs import DataSource, load_pairs
 from unimodal.data.shapes import ShapesConfig
 from unimodal.evaluation.realdata import feature_net_for, frechet_distance
+from unimodal.timing import time_it
 from unimodal.tokenizers.image import ImageTokenizer, psnr, ssim
 from unimodal.viz import make_grid
 
@@ -49,15 +49,6 @@ def feature_fn(source: DataSource, resolution: int, cache_dir: str | Path):
         return judge.embed
     net, _, _ = feature_net_for(source, resolution, Path(cache_dir) / "features")
     return net.embed
-
-
-def _ms_per_image(decode, codes: torch.Tensor, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        decode(codes)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] / codes.shape[0] * 1000
 
 
 @torch.no_grad()
@@ -85,8 +76,9 @@ def compare_decoders(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             out = torch.cat([decode(c) for c in codes.split(batch_size)])
-            ms_batch = _ms_per_image(decode, codes[:batch_size])
-            ms_one = _ms_per_image(decode, codes[:1])
+            batch, one = codes[:batch_size], codes[:1]
+            ms_batch = time_it(lambda: decode(batch), repeats=3, warmup=0) / len(batch) * 1000  # noqa: B023
+            ms_one = time_it(lambda: decode(one), repeats=3, warmup=0) * 1000  # noqa: B023
         rows.append({
             "decoder": name, "steps": n_steps, "psnr": float(psnr(out, images).mean()),
             "ssim": float(ssim(out, images).mean()), "fd": frechet_distance(features(out), real),

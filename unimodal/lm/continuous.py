@@ -20,15 +20,14 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from unimodal.lm.diffloss import DiffLoss, DiffLossConfig
 from unimodal.lm.grammar import SegmentGrammar
 from unimodal.lm.transformer import sequence_loss
 from unimodal.lm.vocab import JointVocab
-
-CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+from unimodal.weights import CONFIG_FILE, WEIGHTS_FILE, write_folder
 
 
 def slot_grid(vocab: JointVocab) -> torch.Tensor:
@@ -54,11 +53,7 @@ class LatentHead(nn.Module):
         return embeds.masked_scatter(slots[..., None], self.latent_in(latents).to(embeds.dtype))
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
-        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / WEIGHTS_FILE))
-        return directory
+        return write_folder(directory, asdict(self.config), self.state_dict())
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> LatentHead:

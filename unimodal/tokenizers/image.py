@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from unimodal.tokenizers.folder import CONFIG_FILE, WEIGHTS_FILE, write_folder
 from unimodal.tokenizers.latent import CONTINUOUS, GaussianLatent
 from unimodal.tokenizers.multiscale import MultiScaleQuantizer, check_scales
 from unimodal.tokenizers.pixel_diffusion import FOLDER as PIXEL_DECODER_FOLDER
@@ -43,6 +42,7 @@ from unimodal.tokenizers.quantizers import (
     VectorQuantizer,
     code_statistics,
 )
+from unimodal.weights import CONFIG_FILE, WEIGHTS_FILE, write_folder
 
 MULTISCALE = "multiscale"
 

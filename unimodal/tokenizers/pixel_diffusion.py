@@ -39,7 +39,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from unimodal.diffusion import build_process, resolve_sampler
-from unimodal.tokenizers.folder import CONFIG_FILE, WEIGHTS_FILE, write_folder
+from unimodal.weights import CONFIG_FILE, WEIGHTS_FILE, write_folder
 
 FOLDER = "pixel_decoder"
 

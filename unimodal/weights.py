@@ -1,6 +1,6 @@
-"""How the image tokenizer and its diffusion decoder are stored: a folder with `config.json` and
-`model.safetensors`, the weights written under a temporary name and renamed, so that a reader never
-sees half a file."""
+"""How the models' parts are stored (the image tokenizer, its diffusion decoder, the continuous latent
+head): a folder with `config.json` and `model.safetensors`, the weights written under a temporary name
+and renamed, so that a reader never sees half a file."""
 
 from __future__ import annotations
 
