@@ -24,6 +24,7 @@ from unimodal.data.images import images_to_tensor
 from unimodal.data.pairs import DataSource, load_pairs
 from unimodal.data.shapes import ShapesConfig
 from unimodal.evaluation.judge import JudgeConfig, load_or_train_judge, scene_labels, scene_match
+from unimodal.evaluation.reconstruct import reconstruct
 from unimodal.generation.bundle import Bundle
 from unimodal.generation.sampling import SamplingParams
 from unimodal.tokenizers.image import psnr, token_statistics
@@ -70,10 +71,7 @@ def evaluate_bundle(
     judge_real = _rates(scene_match(judge.read(real), labels))
 
     tok = bundle.image_tokenizer
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):  # a diffusion decoder samples: seeded
-        torch.manual_seed(params.seed)
-        codes = tok.encode(real)
-        recon = tok.decode(codes, params.decoder)
+    codes, recon = reconstruct(tok, real, params.decoder, params.seed)
     code_stats = token_statistics(tok, codes)
 
     if rerank < 1:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from unimodal.data.images import decode_or_skip, images_to_tensor
 from unimodal.data.pairs import DataSource, load_pairs
 from unimodal.evaluation.features import FeatureNetConfig, load_or_train_feature_net
+from unimodal.evaluation.reconstruct import reconstruct
 from unimodal.generation.bundle import Bundle
 from unimodal.generation.sampling import SamplingParams
 from unimodal.tokenizers.image import psnr, ssim, token_statistics
@@ -141,10 +142,7 @@ def evaluate_real(
     floor = train_images[floor_idx]
 
     tok = bundle.image_tokenizer
-    codes = torch.cat([tok.encode(x) for x in real.split(64)])
-    with torch.random.fork_rng(devices=[]):  # a diffusion decoder samples: seeded
-        torch.manual_seed(params.seed)
-        recon = torch.cat([tok.decode(c, params.decoder) for c in codes.split(64)])
+    codes, recon = reconstruct(tok, real, params.decoder, params.seed)
     stats = token_statistics(tok, codes)
 
     generated = []

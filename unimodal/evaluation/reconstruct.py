@@ -30,9 +30,14 @@ def load_images(paths: list[str | Path], resolution: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reconstruct(tokenizer: ImageTokenizer, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """(B, 3, R, R) -> tokenize -> detokenize -> (B, 3, R, R), in batches."""
-    return torch.cat([tokenizer.decode(tokenizer.encode(x)) for x in images.split(batch_size)])
+def reconstruct(tokenizer: ImageTokenizer, images: torch.Tensor, decoder: str = "auto", seed: int = 0,
+                batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(B, 3, R, R) -> (their codes, the images decoded from them by `decoder`), in batches. A diffusion
+    decoder samples: it draws under `seed` without touching the caller's random state."""
+    codes = torch.cat([tokenizer.encode(x) for x in images.split(batch_size)])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return codes, torch.cat([tokenizer.decode(c, decoder) for c in codes.split(batch_size)])
 
 
 def reconstruction_grid(tokenizer_dir: str | Path, image_paths: list[str | Path], out: str | Path,
@@ -40,7 +45,7 @@ def reconstruction_grid(tokenizer_dir: str | Path, image_paths: list[str | Path]
     """Write the grid (originals row(s) above, reconstructions below); return mean PSNR and SSIM."""
     tokenizer = ImageTokenizer.from_pretrained(tokenizer_dir)
     images = load_images(image_paths, tokenizer.config.resolution)
-    recon = reconstruct(tokenizer, images)
+    _, recon = reconstruct(tokenizer, images)
     n = images.shape[0]
     ncol = min(n, 8)
     rows = []
