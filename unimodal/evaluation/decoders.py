@@ -16,6 +16,7 @@ diffusion decoder at each number of sampling steps, and report per decoder
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
@@ -30,13 +31,17 @@ from unimodal.tokenizers.image import ImageTokenizer, psnr, ssim
 from unimodal.viz import make_grid
 
 
-def real_images(source: DataSource, split: str, resolution: int, num_images: int) -> torch.Tensor:
-    """The first `num_images` readable images of a split, (N, 3, R, R) in [-1, 1]."""
+def real_images(source: DataSource, split: str, resolution: int, num_images: int, seed: int = 0) -> torch.Tensor:
+    """`num_images` images of a split, (N, 3, R, R) in [-1, 1]: all of them if it has no more, else a seeded
+    random subset in file order (files are often sorted by class, so the first N would be a biased sample)."""
     if source.name == "shapes":
         source = DataSource(name="shapes", shapes=ShapesConfig(**{**source.shapes.__dict__, "resolution": resolution}),
                             cache_dir=source.cache_dir)  # fmt: skip
     ds = load_pairs(source, split)
-    ds = ds.select(range(min(num_images, len(ds))))
+    chosen = range(len(ds))
+    if len(ds) > num_images:
+        chosen = sorted(random.Random(seed).sample(chosen, num_images))
+    ds = ds.select(chosen)
     return images_to_tensor(list(ds["image"]), resolution, source.background)
 
 
