@@ -80,3 +80,30 @@ def test_decoder_recipe_parses_with_print_config(capsys):
     assert exit_.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["model"]["process"] == "flow" and printed["run"]["name"] == "shapes-decoder"
+
+
+# the emoji family: each fit's stack of configs, as its results.md runs them
+EMOJI = FAMILIES / "emoji"
+EMOJI_FAMILY = {
+    "next-scale-tokenizer": ("TokenizerCLI", ["tokenizer.yaml", "family/next-scale.stage1.yaml"]),
+    "kl-tokenizer": ("TokenizerCLI", ["tokenizer.yaml", "family/kl.stage1.yaml"]),
+    "raster": ("TransformerCLI", ["transformer.yaml", "family/common.yaml", "family/raster.yaml"]),
+    "next-scale": ("TransformerCLI", ["transformer.yaml", "family/common.yaml", "family/next-scale.yaml"]),
+    "continuous-flow": ("ContinuousCLI", ["family/continuous.yaml", "family/common.yaml"]),
+    "decoder": ("DecoderCLI", ["family/decoder.yaml"]),
+}
+
+
+@pytest.mark.parametrize("run", sorted(EMOJI_FAMILY))
+def test_emoji_family_configs_parse_with_print_config(run, capsys):
+    from unimodal.training import fit
+
+    program, configs = EMOJI_FAMILY[run]
+    args = [a for c in configs for a in ("--config", str(EMOJI / c))]
+    with pytest.raises(SystemExit) as exit_:
+        getattr(fit, program)(args=["fit", *args, "--print_config"])
+    assert exit_.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["run"]["name"] == run and printed["run"]["root"] == "runs/emoji-family"
+    if program in ("TransformerCLI", "ContinuousCLI"):  # every stage 2 at the family's one budget
+        assert printed["trainer"]["max_steps"] == 300 and printed["data"]["source"]["name"] == "data/cache/emoji64"
