@@ -52,6 +52,16 @@ def test_family_plan_shares_the_tokenizer_and_names_runs(tmp_path):
     assert all("--run.group" in f.args and "fam" in f.args for f in fits)
 
 
+def test_a_run_with_a_continuous_tokenizer_is_planned_as_a_continuous_fit(tmp_path):
+    family_dir = _family(tmp_path)
+    (family_dir / "small.stage1.yaml").write_text("# continuous tokens\nmodel: {model: {quantizer: kl}}\n")
+    fits = plan(load_family(family_dir), tmp_path / "runs")
+    assert [(f.stage, f.name) for f in fits] == [
+        ("tokenizer", "small-tokenizer"), ("continuous", "small"), ("tokenizer", "tokenizer"), ("transformer", "wide")
+    ]  # fmt: skip
+    assert fits[1].command().startswith("unimodal continuous fit --config")
+
+
 @pytest.mark.slow
 def test_sweep_runs_a_tiny_family_skips_what_is_finished_and_survives_a_broken_run(
     tmp_path, hf_cache, capsys, monkeypatch

@@ -12,7 +12,9 @@ A family is a folder with a `sweep.yaml`:
 
 and one `<name>.yaml` per run: a stage-2 config diff whose first comment line says what it changes
 and why. A run that changes the image tokenizer adds `<name>.stage1.yaml` (a stage-1 diff); it then
-trains its own tokenizer. Paths in sweep.yaml are relative to the folder.
+trains its own tokenizer. Paths in sweep.yaml are relative to the folder. The stage-2 program follows
+the run's image tokenizer: a continuous one (`quantizer: kl`) is trained by `unimodal continuous fit`
+(so its diff may set `model.head`), any other by `unimodal transformer fit`.
 
 Everything lands in `{root}/{family}/`: the shared `tokenizer/`, the shared `text_tokenizer/` and
 `judge/`, one folder per run (`csv/metrics.csv`, `wandb/`, `export/`, `eval_*.json`), and
@@ -125,13 +127,24 @@ def load_family(directory: str | Path) -> Family:
 class PlannedFit:
     """One fit run of the sweep: which program, its arguments, and where its export lands."""
 
-    stage: str  # "tokenizer" | "transformer"
+    stage: str  # "tokenizer" | "transformer" | "continuous": the `unimodal` command that fits it
     name: str
     args: list[str]
     export: Path
 
     def command(self) -> str:
         return shlex.join(["unimodal", self.stage, "fit", *self.args])
+
+
+def stage2_program(stage1_configs: list[Path]) -> str:
+    """`continuous` when the stage-1 configs (later files win) set a continuous quantizer, else `transformer`."""
+    from unimodal.tokenizers.latent import CONTINUOUS
+
+    quantizer = None
+    for path in stage1_configs:
+        config = yaml.safe_load(Path(path).read_text()) or {}
+        quantizer = ((config.get("model") or {}).get("model") or {}).get("quantizer", quantizer)
+    return "continuous" if quantizer in CONTINUOUS else "transformer"
 
 
 def plan(family: Family, root: str | Path, wandb: str = "auto", stage1_args=(), stage2_args=()) -> list[PlannedFit]:
@@ -157,6 +170,7 @@ def plan(family: Family, root: str | Path, wandb: str = "auto", stage1_args=(), 
     fits, shared = [], None
     for run in family.runs:
         diff = family.tokenizer_diff(run)
+        program = stage2_program([*family.stage1, *([diff] if diff is not None else [])])
         if diff is not None:
             tok = tokenizer(f"{run}-tokenizer", [diff])
             fits.append(tok)
@@ -171,7 +185,7 @@ def plan(family: Family, root: str | Path, wandb: str = "auto", stage1_args=(), 
                 f"[{family.name}, {run}]", "--data.text_tokenizer", str(base / "text_tokenizer")]  # fmt: skip
         if tok is not None:
             args += ["--data.image_tokenizer", str(tok.export)]
-        fits.append(PlannedFit("transformer", run, [*args, *stage2_args], base / run / "export"))
+        fits.append(PlannedFit(program, run, [*args, *stage2_args], base / run / "export"))
     return fits
 
 
@@ -206,8 +220,10 @@ def run_sweep(
             print(fit.command())
         return None
 
-    from unimodal.training.fit import TokenizerCLI, TransformerCLI
+    from unimodal.training.fit import ContinuousCLI, TokenizerCLI, TransformerCLI
     from unimodal.training.loggers import finish_wandb
+
+    programs = {"tokenizer": TokenizerCLI, "transformer": TransformerCLI, "continuous": ContinuousCLI}
 
     base = Path(root) / family.name
     failed = []
@@ -220,7 +236,7 @@ def run_sweep(
         print(f"[sweep {family.name}] {i}/{len(fits)} {fit.stage} {fit.name}\n  {fit.command()}", flush=True)
         start = time.perf_counter()
         try:
-            (TokenizerCLI if fit.stage == "tokenizer" else TransformerCLI)(args=["fit", *fit.args])
+            programs[fit.stage](args=["fit", *fit.args])
         except (Exception, SystemExit) as err:  # one broken run (or config) does not stop the family
             if isinstance(err, SystemExit) and err.code in (0, None):
                 continue
