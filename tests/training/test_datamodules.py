@@ -89,3 +89,12 @@ def test_caption_dropout_and_i2t_mix_depend_only_on_seed_and_batch_index(tiny_bu
     assert mixed.on_before_batch_transfer(batch, 0) is batch
     with pytest.raises(ValueError, match="caption_dropout must be in"):
         dm(caption_dropout=1.0)
+
+
+def test_codes_stage_refuses_a_continuous_tokenizer_and_names_the_program_for_it(tmp_path):
+    from unimodal.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
+
+    tokenizer = ImageTokenizer(ImageTokenizerConfig(resolution=16, channels=8, quantizer="kl", latent_dim=4))
+    tokenizer.save_pretrained(tmp_path / "kl")
+    with pytest.raises(ValueError, match="continuous image tokenizer .*`unimodal continuous fit`"):
+        SequenceDataModule(image_tokenizer=str(tmp_path / "kl"), text_tokenizer=str(tmp_path / "bpe"))

@@ -33,6 +33,8 @@ class LatentSequenceDataModule(SequenceDataModule):
     """Joint sequences with slots for the image, and the latents that fill them (same arguments as the
     sequence data module; `image_tokenizer` must be continuous, `i2t_fraction` 0)."""
 
+    latent_tokens = True
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if not self.image_tokenizer.continuous:

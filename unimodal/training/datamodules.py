@@ -169,6 +169,8 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
             so a resumed run makes the same choices.
     """
 
+    latent_tokens = False  # the image segment as continuous vectors (LatentSequenceDataModule)
+
     def __init__(
         self,
         image_tokenizer: str,
@@ -217,6 +219,12 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
         self.encode_batch_size = encode_batch_size
         # The vocabulary must exist before the model is built (the CLI links it into the model).
         self.image_tokenizer = ImageTokenizer.from_pretrained(self.image_tokenizer_dir)
+        if self.image_tokenizer.continuous and not self.latent_tokens:
+            raise ValueError(
+                f"{self.image_tokenizer_dir} is a continuous image tokenizer (quantizer "
+                f"{self.image_tokenizer.config.quantizer!r}): its tokens are vectors, not codes; train stage 2 on it "
+                "with `unimodal continuous fit`"
+            )
         self.text_tokenizer = self._text_tokenizer(text_vocab_size)
         image_config = load_config(self.image_tokenizer_dir)
         self.vocab = JointVocab(
