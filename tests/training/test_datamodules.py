@@ -98,3 +98,12 @@ def test_codes_stage_refuses_a_continuous_tokenizer_and_names_the_program_for_it
     tokenizer.save_pretrained(tmp_path / "kl")
     with pytest.raises(ValueError, match="continuous image tokenizer .*`unimodal continuous fit`"):
         SequenceDataModule(image_tokenizer=str(tmp_path / "kl"), text_tokenizer=str(tmp_path / "bpe"))
+
+
+def test_latent_stage_refuses_a_codes_tokenizer(tmp_path):
+    from unimodal.tokenizers.image import ImageTokenizer, ImageTokenizerConfig
+    from unimodal.training.continuous import LatentSequenceDataModule
+
+    ImageTokenizer(ImageTokenizerConfig(resolution=16, channels=8)).save_pretrained(tmp_path / "vq")
+    with pytest.raises(ValueError, match="has quantizer 'vq'; continuous stage 2 needs a continuous tokenizer"):
+        LatentSequenceDataModule(image_tokenizer=str(tmp_path / "vq"), text_tokenizer=str(tmp_path / "bpe"))

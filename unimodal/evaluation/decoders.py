@@ -16,7 +16,6 @@ diffusion decoder at each number of sampling steps, and report per decoder
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import torch
@@ -25,23 +24,19 @@ from tqdm import tqdm
 from unimodal.data.images import images_to_tensor
 from unimodal.data.pairs import DataSource, load_pairs
 from unimodal.data.shapes import ShapesConfig
-from unimodal.evaluation.realdata import feature_net_for, frechet_distance
+from unimodal.evaluation.realdata import feature_net_for, frechet_distance, seeded_subset
 from unimodal.timing import time_it
 from unimodal.tokenizers.image import ImageTokenizer, psnr, ssim
 from unimodal.viz import make_grid
 
 
 def real_images(source: DataSource, split: str, resolution: int, num_images: int, seed: int = 0) -> torch.Tensor:
-    """`num_images` images of a split, (N, 3, R, R) in [-1, 1]: all of them if it has no more, else a seeded
-    random subset in file order (files are often sorted by class, so the first N would be a biased sample)."""
+    """`num_images` images of a split, (N, 3, R, R) in [-1, 1]: its `seeded_subset`, as `evaluate` takes."""
     if source.name == "shapes":
         source = DataSource(name="shapes", shapes=ShapesConfig(**{**source.shapes.__dict__, "resolution": resolution}),
                             cache_dir=source.cache_dir)  # fmt: skip
     ds = load_pairs(source, split)
-    chosen = range(len(ds))
-    if len(ds) > num_images:
-        chosen = sorted(random.Random(seed).sample(chosen, num_images))
-    ds = ds.select(chosen)
+    ds = ds.select(seeded_subset(len(ds), num_images, seed))
     return images_to_tensor(list(ds["image"]), resolution, source.background)
 
 

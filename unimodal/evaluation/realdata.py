@@ -96,6 +96,14 @@ def _real_images(ds: datasets.Dataset, resolution: int, background: str) -> tupl
     return images_to_tensor(images, resolution, background), keep
 
 
+def seeded_subset(n: int, k: int, seed: int) -> list[int]:
+    """Indices of `k` of `n` rows, a seeded random subset in file order (all rows if `k >= n`): files are
+    often sorted by class, so the first `k` would be a biased sample."""
+    if n <= k:
+        return list(range(n))
+    return sorted(random.Random(seed).sample(range(n), k))
+
+
 def feature_net_for(source: DataSource, resolution: int, directory: str | Path, **overrides):
     """The data's evaluation network, trained on its real training pairs once and cached in `directory`."""
     train = load_pairs(source, "train")
@@ -126,9 +134,7 @@ def evaluate_real(
     resolution = bundle.image_tokenizer.config.resolution
     net, train, train_images = feature_net_for(source, resolution, feature_dir, **(features or {}))
     ds = load_pairs(source, split)
-    chosen = list(range(len(ds)))
-    if len(ds) > num_captions:  # a seeded random subset: files are often sorted by class
-        chosen = sorted(random.Random(seed).sample(chosen, num_captions))
+    chosen = seeded_subset(len(ds), num_captions, seed)
     ds = ds.select(chosen)
     real, keep = _real_images(ds, resolution, source.background)
     rows = ds.select(keep)

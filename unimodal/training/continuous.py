@@ -36,12 +36,7 @@ class LatentSequenceDataModule(SequenceDataModule):
     latent_tokens = True
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if not self.image_tokenizer.continuous:
-            raise ValueError(
-                f"{self.image_tokenizer_dir} has quantizer {self.image_tokenizer.config.quantizer!r}; continuous "
-                "stage 2 needs a continuous tokenizer (model.model.quantizer: kl in stage 1)"
-            )
+        super().__init__(*args, **kwargs)  # checks that the image tokenizer is continuous
         if self.i2t_fraction:
             raise ValueError("data.i2t_fraction must be 0 for continuous image tokens (no captioning order)")
         self.vocab = replace(self.vocab, image_size=1)  # one image id: the slot of a latent

@@ -219,11 +219,16 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
         self.encode_batch_size = encode_batch_size
         # The vocabulary must exist before the model is built (the CLI links it into the model).
         self.image_tokenizer = ImageTokenizer.from_pretrained(self.image_tokenizer_dir)
+        quantizer = self.image_tokenizer.config.quantizer
         if self.image_tokenizer.continuous and not self.latent_tokens:
             raise ValueError(
-                f"{self.image_tokenizer_dir} is a continuous image tokenizer (quantizer "
-                f"{self.image_tokenizer.config.quantizer!r}): its tokens are vectors, not codes; train stage 2 on it "
-                "with `unimodal continuous fit`"
+                f"{self.image_tokenizer_dir} is a continuous image tokenizer (quantizer {quantizer!r}): its tokens "
+                "are vectors, not codes; train stage 2 on it with `unimodal continuous fit`"
+            )
+        if self.latent_tokens and not self.image_tokenizer.continuous:
+            raise ValueError(
+                f"{self.image_tokenizer_dir} has quantizer {quantizer!r}; continuous stage 2 needs a continuous "
+                "tokenizer (model.model.quantizer: kl in stage 1)"
             )
         self.text_tokenizer = self._text_tokenizer(text_vocab_size)
         image_config = load_config(self.image_tokenizer_dir)
