@@ -54,8 +54,8 @@ def build_transformer(config: TransformerConfig, vocab: JointVocab) -> LlamaForC
         bos_token_id=vocab.bos,
         eos_token_id=vocab.eos,
         pad_token_id=vocab.pad,
+        attn_implementation="sdpa",  # the library's scaled-dot-product attention
     )
-    hf._attn_implementation = "sdpa"
     return LlamaForCausalLM(hf)
 
 

@@ -64,6 +64,8 @@ class _FitCLI(LightningCLI):
         # seeing them in sys.argv too is meant for developers. (sys.argv itself must stay: DDP relaunches it.)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            # Lightning's own call of a torch pytree API that newer torch deprecates: nothing a user can act on
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
             self._build(model_class, datamodule_class, args, run)
 
     def _build(self, model_class, datamodule_class, args, run):
