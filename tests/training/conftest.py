@@ -11,10 +11,12 @@ import pytest
 
 from ..conftest import Started, start_unimodal, tokenizer_args, transformer_args
 
-# Stage 1, logging every step and checkpointing every 2: 256 images / batch 64 = 4 steps per epoch, so 6
-# steps cross an epoch boundary. The EMA codebook with dead-code restart and the entropy term is the
-# quantizer whose state (EMA statistics, usage counters, restart draws) has the most to carry over.
+# Stage 1, logging every step and checkpointing every 2: 256 images / batch 64 (set here, whatever the shipped
+# recipe's batch) = 4 steps per epoch, so 6 steps cross an epoch boundary. The EMA codebook with dead-code
+# restart and the entropy term is the quantizer whose state (EMA statistics, usage counters, restart draws)
+# has the most to carry over.
 STAGE1 = [
+    "--data.batch_size", "64",
     "--model.model.quantizer", "ema", "--model.model.restart_window", "2", "--model.model.entropy_weight", "0.1",
     "--trainer.max_steps", "6", "--trainer.limit_val_batches", "0", "--trainer.log_every_n_steps", "1",
     "--run.checkpoint_every_n_steps", "2",
