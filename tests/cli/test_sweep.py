@@ -62,6 +62,16 @@ def test_a_run_with_a_continuous_tokenizer_is_planned_as_a_continuous_fit(tmp_pa
     assert fits[1].command().startswith("unimodal continuous fit --config")
 
 
+@pytest.mark.parametrize("args", [["--model.model.quantizer", "kl"], ["--model.model.quantizer=kl"]])
+def test_a_continuous_quantizer_given_on_the_command_line_plans_continuous_fits(tmp_path, args):
+    family = load_family(_family(tmp_path))
+    fits = plan(family, tmp_path / "runs", stage1_args=args)
+    assert [f.stage for f in fits] == ["tokenizer", "continuous", "tokenizer", "continuous"]
+    assert [f.stage for f in plan(family, tmp_path / "runs", stage1_args=[*args, "--model.model.quantizer", "vq"])] == [
+        "tokenizer", "transformer", "tokenizer", "transformer"
+    ]  # fmt: skip
+
+
 @pytest.mark.slow
 def test_sweep_runs_a_tiny_family_skips_what_is_finished_and_survives_a_broken_run(
     tmp_path, hf_cache, capsys, monkeypatch

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import time
+import warnings
 
 import lightning as L
 import torch
 
 from unimodal.lm.vocab import JointVocab
+from unimodal.training.fit import ignore_library_deprecations
 from unimodal.training.modules import TokenizerModule, TransformerModule
 
 from .common import (
@@ -103,7 +105,9 @@ def lightning_loop(
         accumulate_grad_batches=accumulate,
     )  # fmt: skip
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
-    trainer.fit(module, train_dataloaders=loader)
+    with warnings.catch_warnings():
+        ignore_library_deprecations()
+        trainer.fit(module, train_dataloaders=loader)
     return (timer.end - timer.start) / timer.steps
 
 

@@ -136,15 +136,25 @@ class PlannedFit:
         return shlex.join(["unimodal", self.stage, "fit", *self.args])
 
 
-def stage2_program(stage1_configs: list[Path]) -> str:
-    """`continuous` when the stage-1 configs (later files win) set a continuous quantizer, else `transformer`."""
+def stage2_program(stage1_configs: list[Path], stage1_args=()) -> str:
+    """`continuous` when the stage-1 configs and then the stage-1 arguments (later ones win) set a
+    continuous quantizer, else `transformer`."""
     from unimodal.tokenizers.latent import CONTINUOUS
 
     quantizer = None
     for path in stage1_configs:
         config = yaml.safe_load(Path(path).read_text()) or {}
         quantizer = ((config.get("model") or {}).get("model") or {}).get("quantizer", quantizer)
+    args = list(stage1_args)
+    for i, arg in enumerate(args):
+        if arg == QUANTIZER_FLAG and i + 1 < len(args):
+            quantizer = args[i + 1]
+        elif arg.startswith(QUANTIZER_FLAG + "="):
+            quantizer = arg.split("=", 1)[1]
     return "continuous" if quantizer in CONTINUOUS else "transformer"
+
+
+QUANTIZER_FLAG = "--model.model.quantizer"
 
 
 def plan(family: Family, root: str | Path, wandb: str = "auto", stage1_args=(), stage2_args=()) -> list[PlannedFit]:
@@ -170,7 +180,7 @@ def plan(family: Family, root: str | Path, wandb: str = "auto", stage1_args=(), 
     fits, shared = [], None
     for run in family.runs:
         diff = family.tokenizer_diff(run)
-        program = stage2_program([*family.stage1, *([diff] if diff is not None else [])])
+        program = stage2_program([*family.stage1, *([diff] if diff is not None else [])], stage1_args)
         if diff is not None:
             tok = tokenizer(f"{run}-tokenizer", [diff])
             fits.append(tok)

@@ -58,14 +58,19 @@ class FiniteLossGuard(L.Callback):
             )
 
 
+def ignore_library_deprecations():
+    """Filters (inside the caller's `warnings.catch_warnings()`) the warnings that Lightning's own calls
+    into torch raise and that no user can act on: its use of a torch pytree API newer torch deprecates."""
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+
 class _FitCLI(LightningCLI):
     def __init__(self, model_class, datamodule_class, args=None, run=True):
         # The `unimodal` console script hands its own arguments over as `args`; LightningCLI's warning about
         # seeing them in sys.argv too is meant for developers. (sys.argv itself must stay: DDP relaunches it.)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            # Lightning's own call of a torch pytree API that newer torch deprecates: nothing a user can act on
-            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+            ignore_library_deprecations()
             self._build(model_class, datamodule_class, args, run)
 
     def _build(self, model_class, datamodule_class, args, run):
