@@ -5,6 +5,7 @@ import csv
 
 import pytest
 import torch
+import yaml
 
 from unimodal.cli.main import main
 from unimodal.evaluation.compare import read_curves
@@ -46,7 +47,10 @@ def test_print_config_parses_the_shipped_recipe(capsys):
         TransformerCLI(args=["fit", "--config", str(TRANSFORMER_CONFIG), "--print_config"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    assert "grammar_loss_mask: true" in out and "d_model: 192" in out
+    shipped = yaml.safe_load(TRANSFORMER_CONFIG.read_text())["model"]
+    printed = yaml.safe_load(out)["model"]
+    assert printed["grammar_loss_mask"] is True
+    assert {k: printed["model"][k] for k in shipped["model"]} == shipped["model"]  # the recipe's sizes, not defaults
 
 
 def test_unknown_config_key_is_a_clear_error(tmp_path, capsys):
