@@ -21,8 +21,7 @@ import lightning as L
 import torch
 
 from unimodal.lm.vocab import JointVocab
-from unimodal.training.fit import ignore_library_deprecations
-from unimodal.training.modules import TokenizerModule, TransformerModule
+from unimodal.training.modules import TokenizerModule, TransformerModule, ignore_library_deprecations
 
 from .common import (
     add_model_args,

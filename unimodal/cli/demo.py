@@ -2,16 +2,19 @@
 
 1. stage 1 fit run: image tokenizer        -> OUT/runs/shapes-tokenizer/export
 2. stage 2 fit run: BPE + pre-tokenizing + transformer -> OUT/runs/shapes-transformer/export (the bundle)
-3. sampling at temperature 0.7: OUT/samples.png
+3. sampling at the recipe's temperature (0.7): OUT/samples.png
 4. evaluation on test and heldout, the same sampling: OUT/eval_{split}.json
 5. comparison of the two runs' logs: OUT/compare/
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
+
+import yaml
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # shipped with the package
 
@@ -23,8 +26,6 @@ DEMO_PROMPTS = [
     "purple circle, bottom right, large",
     "a large cyan square at the top left and a small red triangle at the bottom right",
 ]
-
-TEMPERATURE = 0.7  # the demo's sampling temperature, for its sample grid and its evaluation (docs/results.md)
 
 QUICK = [  # a smoke run of the same pipeline (under a minute on 2 CPU cores): the pipeline, not the model
     "--trainer.max_steps", "40", "--trainer.val_check_interval", "20", "--data.batch_size", "16",
@@ -67,7 +68,10 @@ def run_demo(out: Path, wandb: str = "auto", quick: bool = False) -> dict:
 
     start = time.perf_counter()
     bundle = Bundle.load(bundle_dir)
-    params = SamplingParams(temperature=TEMPERATURE, images_per_prompt=4, seed=0)
+    # the recipe's sampling temperature (its `samples` section, which the fit's grids use too; docs/results.md)
+    recipe = yaml.safe_load((CONFIGS / "shapes-transformer.yaml").read_text())
+    sampling = SamplingParams(temperature=recipe["samples"]["temperature"], seed=0)
+    params = dataclasses.replace(sampling, images_per_prompt=4)
     images = bundle.generate(DEMO_PROMPTS, params)
     labels = [p for p in DEMO_PROMPTS for _ in range(params.images_per_prompt)]
     make_grid(images, labels, ncol=8).save(out / "samples.png")
@@ -79,7 +83,7 @@ def run_demo(out: Path, wandb: str = "auto", quick: bool = False) -> dict:
     judge = JudgeConfig(train_images=1024, epochs=2) if quick else None
     for split in ("test", "heldout"):
         results[split] = evaluate_bundle(
-            bundle, split, bundle_dir / "judge", num_captions=n, params=SamplingParams(temperature=TEMPERATURE, seed=0),
+            bundle, split, bundle_dir / "judge", num_captions=n, params=sampling,
             grid_path=out / f"eval_{split}.png", judge_config=judge,
         )  # fmt: skip
         write_json(results[split], out / f"eval_{split}.json")

@@ -136,6 +136,9 @@ class PlannedFit:
         return shlex.join(["unimodal", self.stage, "fit", *self.args])
 
 
+QUANTIZER_FLAG = "--model.model.quantizer"
+
+
 def stage2_program(stage1_configs: list[Path], stage1_args=()) -> str:
     """`continuous` when the stage-1 configs and then the stage-1 arguments (later ones win) set a
     continuous quantizer, else `transformer`."""
@@ -152,9 +155,6 @@ def stage2_program(stage1_configs: list[Path], stage1_args=()) -> str:
         elif arg.startswith(QUANTIZER_FLAG + "="):
             quantizer = arg.split("=", 1)[1]
     return "continuous" if quantizer in CONTINUOUS else "transformer"
-
-
-QUANTIZER_FLAG = "--model.model.quantizer"
 
 
 def plan(family: Family, root: str | Path, wandb: str = "auto", stage1_args=(), stage2_args=()) -> list[PlannedFit]:

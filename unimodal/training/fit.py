@@ -24,7 +24,7 @@ from lightning.pytorch.cli import LightningCLI
 from unimodal.training.callbacks import Evaluation, Export, SampleGrid
 from unimodal.training.datamodules import ImageDataModule, SequenceDataModule
 from unimodal.training.loggers import RunConfig, build_loggers
-from unimodal.training.modules import TokenizerModule, TransformerModule
+from unimodal.training.modules import TokenizerModule, TransformerModule, ignore_library_deprecations
 from unimodal.training.strategies import register_strategies
 
 register_strategies()  # `--trainer.strategy fsdp_decoder`
@@ -56,12 +56,6 @@ class FiniteLossGuard(L.Callback):
                 f"loss became {float(loss)} at step {trainer.global_step}; {kept}. Lower model.lr, set "
                 "trainer.gradient_clip_val, or use trainer.precision 32-true, then resume with --ckpt_path."
             )
-
-
-def ignore_library_deprecations():
-    """Filters (inside the caller's `warnings.catch_warnings()`) the warnings that Lightning's own calls
-    into torch raise and that no user can act on: its use of a torch pytree API newer torch deprecates."""
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
 class _FitCLI(LightningCLI):

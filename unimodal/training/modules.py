@@ -6,6 +6,7 @@ metrics and logging. Metric keys: `train/...`, `val/...`.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -31,6 +32,12 @@ def _use_fused(trainer) -> bool:
     """The fused AdamW kernel on GPUs (on this project's CPUs it measured 0.99x the default: `bench
     train`), except under fp16 mixed precision, where Lightning's gradient clipping refuses it."""
     return trainer.strategy.root_device.type == "cuda" and str(trainer.precision) != "16-mixed"
+
+
+def ignore_library_deprecations():
+    """Filters (inside the caller's `warnings.catch_warnings()`) the warnings that Lightning's own calls
+    into torch raise and that no user can act on: its use of a torch pytree API newer torch deprecates."""
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
 def _adamw(module: torch.nn.Module, lr: float, weight_decay: float, fused: bool, betas=(0.9, 0.95)):
