@@ -5,7 +5,9 @@
   matches the caption (colour, shape and position of every object), plus per-attribute rates;
 - image tokenizer: PSNR of reconstructions and codebook usage over the split's real images, and the
   judge's scene accuracy on those reconstructions: the fidelity ceiling, since generated images can only
-  be as legible as the tokenizer's decoder makes them.
+  be as legible as the tokenizer's decoder makes them;
+- caption dependence: the teacher-forced image loss with the split's own captions against shuffled
+  ones (`conditioning.py`), which shows whether the model reads the text without sampling.
 
 With `rerank=N > 1`, N candidates are generated per caption and the contrastive scorer of
 `rerank.py` keeps the best one; the fidelity of each caption's first candidate (what sampling
@@ -23,6 +25,7 @@ from tqdm import tqdm
 from unimodal.data.images import images_to_tensor
 from unimodal.data.pairs import DataSource, load_pairs
 from unimodal.data.shapes import ShapesConfig
+from unimodal.evaluation.conditioning import caption_dependence
 from unimodal.evaluation.judge import JudgeConfig, load_or_train_judge, scene_labels, scene_match
 from unimodal.evaluation.reconstruct import reconstruct
 from unimodal.generation.bundle import Bundle
@@ -114,6 +117,7 @@ def evaluate_bundle(
         "tokenizer_judge_accuracy": _rates(scene_match(judge.read(recon), labels))["scene"],
         "tokenizer_codebook_usage": code_stats.get("codebook_usage"),
         "tokenizer_perplexity": code_stats.get("perplexity"),
+        "caption_dependence": caption_dependence(bundle, real, captions, seed=params.seed),
         "sampling": {
             k: v for k, v in params.__dict__.items() if k in ("temperature", "top_k", "top_p", "seed", "cfg_scale")
         },

@@ -10,7 +10,8 @@ In the feature space of `features.py` (trained on the data's real training pairs
 - attribute accuracy for each label column the data has (style, group, ...): the classifier read on
   generated images against the labels of their captions, next to real images (ceiling) and random
   training images (floor);
-- the image tokenizer on the split's real images: PSNR, SSIM, codebook usage, perplexity.
+- the image tokenizer on the split's real images: PSNR, SSIM, codebook usage, perplexity;
+- caption dependence: the teacher-forced image loss with own against shuffled captions (`conditioning.py`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tqdm import tqdm
 
 from unimodal.data.images import decode_or_skip, images_to_tensor
 from unimodal.data.pairs import DataSource, load_pairs
+from unimodal.evaluation.conditioning import caption_dependence
 from unimodal.evaluation.features import FeatureNetConfig, load_or_train_feature_net
 from unimodal.evaluation.reconstruct import reconstruct
 from unimodal.generation.bundle import Bundle
@@ -197,6 +199,7 @@ def evaluate_real(
             "codebook_usage": stats.get("codebook_usage"),
             "perplexity": stats.get("perplexity"),
         },  # fmt: skip
+        "caption_dependence": caption_dependence(bundle, real, captions, seed=seed),
         "feature_space": f"FeatureNet (evaluation/features.py) trained on {len(train)} real training pairs",
         "sampling": {
             k: v for k, v in params.__dict__.items() if k in ("temperature", "top_k", "top_p", "seed", "cfg_scale")
