@@ -49,6 +49,8 @@ def test_a_model_taught_to_follow_captions_depends_on_them_and_an_untrained_one_
     after = caption_dependence(bundle, images, CAPTIONS)
     assert after["image_loss"] < before["image_loss"] / 2
     assert after["shuffled_over_own"] > 3
+    gap = after["image_loss_shuffled_captions"] - after["image_loss"]
+    assert after["shuffled_minus_own_nats_per_image"] == gap * bundle.vocab.image_tokens
     assert after == caption_dependence(bundle, images, CAPTIONS)  # deterministic
 
 
@@ -57,6 +59,7 @@ def test_identical_captions_give_a_ratio_of_exactly_one_for_codes_and_for_contin
         images = _images(6, b.image_tokenizer.config.resolution, seed=1)
         result = caption_dependence(b, images, ["a red circle"] * 6, batch_size=4)
         assert result["shuffled_over_own"] == 1.0 and result["image_loss"] > 0
+        assert result.get("shuffled_minus_own_nats_per_image", 0.0) == 0.0  # only for codes, in nats
 
 
 def test_shuffled_captions_change_a_continuous_models_loss_deterministically():

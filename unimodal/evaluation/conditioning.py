@@ -9,6 +9,10 @@ the text, whatever the samples look like. Deterministic for a seed: both passes 
     continuous tokens                       the diffusion head's loss, `draws` (step, noise) pairs per token
 
 The two losses are on different scales, so compare the ratio across kinds of model, never the losses.
+The ratio is per image token: where most of an image's loss is detail no caption decides (real
+pictures, many tokens), it stays near 1 even for a model that reads the caption. For codes the loss is
+in nats, so `shuffled_minus_own_nats_per_image` (the difference times the image's tokens) says what a
+wrong caption costs per image, comparable across token counts.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ def caption_dependence(
     bundle: Bundle, images: torch.Tensor, captions: list[str], seed: int = 0, batch_size: int = 64, draws: int = 8
 ) -> dict[str, float]:
     """images (B, 3, R, R) in [-1, 1] with their captions -> the image loss with own and with shuffled
-    captions and their ratio (`shuffled_over_own`)."""
+    captions, their ratio (`shuffled_over_own`) and, for codes, their difference in nats per image."""
     if len(captions) != images.shape[0] or len(captions) < 2:
         raise ValueError(f"need at least 2 images with one caption each, got {images.shape[0]} and {len(captions)}")
     order = torch.randperm(len(captions), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -36,7 +40,10 @@ def caption_dependence(
         shuffled[i] = captions[j]
     own = _image_loss(bundle, images, captions, seed, batch_size, draws)
     other = _image_loss(bundle, images, shuffled, seed, batch_size, draws)
-    return {"image_loss": own, "image_loss_shuffled_captions": other, "shuffled_over_own": other / max(own, 1e-12)}
+    result = {"image_loss": own, "image_loss_shuffled_captions": other, "shuffled_over_own": other / max(own, 1e-12)}
+    if bundle.image_head is None:  # cross-entropy in nats per token
+        result["shuffled_minus_own_nats_per_image"] = (other - own) * bundle.vocab.image_tokens
+    return result
 
 
 @torch.no_grad()
