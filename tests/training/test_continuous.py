@@ -19,6 +19,7 @@ def test_a_tiny_continuous_fit_exports_a_bundle_that_samples(tmp_path, hf_cache)
     tokenizer = fit_tokenizer(tmp_path, hf_cache, steps=30, name="kl",
                               extra=["--model.model.quantizer", "kl", "--model.model.latent_dim", "8"])  # fmt: skip
     every = ["--trainer.max_steps", "40", "--trainer.val_check_interval", "20", "--data.caption_dropout", "0.1",
+             "--data.batch_size", "16",
              "--model.head.width", "64", "--model.head.depth", "2", "--model.head.sample_steps", "10",
              "--samples.prompts", "[a red circle at the top left]", "--samples.images_per_prompt", "2"]  # fmt: skip
     ContinuousCLI(args=transformer_args(tmp_path, hf_cache, tokenizer, "mar", *every))
