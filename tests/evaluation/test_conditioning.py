@@ -71,8 +71,9 @@ def test_shuffled_captions_change_a_continuous_models_loss_deterministically():
     assert first["image_loss"] != first["image_loss_shuffled_captions"]
 
 
-def test_too_few_pairs_or_a_caption_count_mismatch_is_refused(bundle):
+def test_a_caption_count_mismatch_is_refused_and_a_single_pair_has_nothing_to_shuffle(bundle):
     import pytest
 
-    with pytest.raises(ValueError, match="at least 2 images"):
+    with pytest.raises(ValueError, match="one caption per image"):
         caption_dependence(bundle, _images(3, 32), ["a"] * 2)
+    assert caption_dependence(bundle, _images(1, 32), ["a red circle"]) is None

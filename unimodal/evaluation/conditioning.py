@@ -29,11 +29,14 @@ from unimodal.lm.transformer import sequence_loss
 
 def caption_dependence(
     bundle: Bundle, images: torch.Tensor, captions: list[str], seed: int = 0, batch_size: int = 64, draws: int = 8
-) -> dict[str, float]:
+) -> dict[str, float] | None:
     """images (B, 3, R, R) in [-1, 1] with their captions -> the image loss with own and with shuffled
-    captions, their ratio (`shuffled_over_own`) and, for codes, their difference in nats per image."""
-    if len(captions) != images.shape[0] or len(captions) < 2:
-        raise ValueError(f"need at least 2 images with one caption each, got {images.shape[0]} and {len(captions)}")
+    captions, their ratio (`shuffled_over_own`) and, for codes, their difference in nats per image;
+    None for a single pair (nothing to shuffle)."""
+    if len(captions) != images.shape[0]:
+        raise ValueError(f"need one caption per image, got {images.shape[0]} images and {len(captions)} captions")
+    if len(captions) < 2:
+        return None
     order = torch.randperm(len(captions), generator=torch.Generator().manual_seed(seed)).tolist()
     shuffled = list(captions)
     for i, j in zip(order, order[1:] + order[:1]):  # each image takes the caption of the next in the cycle
