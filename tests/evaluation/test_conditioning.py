@@ -9,6 +9,7 @@ from tests.generation.test_continuous import continuous_bundle
 from unimodal.evaluation.conditioning import caption_dependence
 from unimodal.lm.grammar import SegmentGrammar
 from unimodal.lm.transformer import sequence_loss
+from unimodal.lm.vocab import right_pad
 
 CAPTIONS = ["a large red circle at the top left", "a small blue square at the bottom right",
             "a large green triangle at the top right", "a small yellow cross at the bottom left"]  # fmt: skip
@@ -23,9 +24,7 @@ def _teach(bundle, images, captions, steps: int = 60):
     vocab, model = bundle.vocab, bundle.transformer
     codes = bundle.image_tokenizer.encode(images)
     rows = [vocab.text_to_image_sequence(bundle.text_tokenizer.encode(c), k) for c, k in zip(captions, codes)]
-    width = max(map(len, rows))
-    ids = torch.tensor([r + [vocab.pad] * (width - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    ids, mask = right_pad(rows, vocab.pad)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(steps):

@@ -22,9 +22,10 @@ import torch.nn.functional as F
 
 from unimodal.generation.bundle import Bundle
 from unimodal.lm import next_scale
-from unimodal.lm.continuous import hidden_and_logits, slot_grid
+from unimodal.lm.continuous import latent_conditions, slot_grid
 from unimodal.lm.grammar import SegmentGrammar
 from unimodal.lm.transformer import sequence_loss
+from unimodal.lm.vocab import right_pad
 
 
 def caption_dependence(
@@ -61,16 +62,14 @@ def _image_loss(bundle: Bundle, images, captions, seed: int, batch_size: int, dr
         pixels = images[start : start + batch_size].to(next(bundle.image_tokenizer.parameters()).device)
         tokens = bundle.image_tokenizer.encode(pixels).to(device)  # codes, or latents (B, h, w, C)
         texts = bundle.text_tokenizer.encode_batch(captions[start : start + batch_size])
-        if bundle.image_head is not None:
-            grid = slot_grid(vocab).view(*vocab.image_grid)
-            ids, mask = _padded([vocab.text_to_image_sequence(t, grid) for t in texts], vocab.pad, device)
+        continuous = bundle.image_head is not None  # the sequence holds slots, the latents go in beside it
+        grids = [slot_grid(vocab).view(*vocab.image_grid)] * len(texts) if continuous else tokens
+        ids, mask = right_pad([vocab.text_to_image_sequence(t, g) for t, g in zip(texts, grids)], vocab.pad)
+        ids, mask = ids.to(device), mask.to(device)
+        if continuous:
             s, n = _diffusion_loss(model, bundle.image_head, vocab, ids, mask, tokens.flatten(1, 2), generator, draws)
         else:
-            ids, mask = _padded([vocab.text_to_image_sequence(t, c) for t, c in zip(texts, tokens)], vocab.pad, device)
-            if vocab.image_scales is not None:
-                logits = next_scale.forward(model, vocab, ids, mask).logits
-            else:
-                logits = model(input_ids=ids, attention_mask=mask).logits
+            logits = next_scale.teacher_forced_logits(model, vocab, ids, mask)
             _, parts = sequence_loss(logits, ids, mask, SegmentGrammar(vocab), {"image": 1.0}, True)
             s, n = (float(v) for v in parts["image"])
         total, count = total + s, count + n
@@ -81,8 +80,7 @@ def _image_loss(bundle: Bundle, images, captions, seed: int, batch_size: int, dr
 def _diffusion_loss(backbone, head, vocab, ids, mask, latents, generator, draws: int) -> tuple[float, int]:
     """Summed denoising loss over every latent (`draws` per latent) and the count."""
     head.eval()
-    hidden, _ = hidden_and_logits(backbone, head, vocab, ids, mask, latents)
-    z = hidden[:, :-1][vocab.is_image(ids[:, 1:])]  # (B*N, d): the state that predicts each latent
+    z, _ = latent_conditions(backbone, head, vocab, ids, mask, latents)
     target = latents.flatten(0, 1).to(z.dtype)
     total = 0.0
     for _ in range(draws):
@@ -90,12 +88,3 @@ def _diffusion_loss(backbone, head, vocab, ids, mask, latents, generator, draws:
         x_t, t, goal = head.diffloss.process.training_example(target, noise, generator=generator)
         total += float(F.mse_loss(head.diffloss.net(x_t, t, z), goal, reduction="none").mean(-1).sum())
     return total, draws * target.shape[0]
-
-
-def _padded(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
-    return ids.to(device), mask.to(device)

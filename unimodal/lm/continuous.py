@@ -73,6 +73,13 @@ def hidden_and_logits(backbone, head: LatentHead, vocab: JointVocab, ids, attent
     return hidden, backbone.get_output_embeddings()(hidden)
 
 
+def latent_conditions(backbone, head: LatentHead, vocab: JointVocab, ids, attention_mask, latents):
+    """The hidden state that predicts each latent, z (B*N, d) in raster order per row (the position before
+    each slot), and the logits (B, T, V) for the text and special ids."""
+    hidden, logits = hidden_and_logits(backbone, head, vocab, ids, attention_mask, latents)
+    return hidden[:, :-1][vocab.is_image(ids[:, 1:])], logits
+
+
 def continuous_loss(
     backbone,
     head: LatentHead,
@@ -87,10 +94,8 @@ def continuous_loss(
 
     batch: input_ids (B, T), attention_mask (B, T), latents (B, N, C). Returns the loss and its parts."""
     ids, mask, latents = batch["input_ids"], batch["attention_mask"], batch["latents"]
-    hidden, logits = hidden_and_logits(backbone, head, vocab, ids, mask, latents)
+    z, logits = latent_conditions(backbone, head, vocab, ids, mask, latents)
     text, _ = sequence_loss(logits, ids, mask, grammar, {"text": 1.0}, mask_by_grammar)
-    predicts_slot = vocab.is_image(ids[:, 1:])  # (B, T-1): the next token is a latent
-    z = hidden[:, :-1][predicts_slot]  # (B*N, d), raster order per row
     image = head.diffloss.loss(latents.flatten(0, 1).to(z.dtype), z)
     w_text, w_image = weights.get("text", 1.0), weights.get("image", 1.0)
     total = (w_text * text + w_image * image) / max(w_text + w_image, 1e-8)

@@ -135,6 +135,14 @@ def forward(model, vocab: JointVocab, ids: torch.Tensor, attention_mask: torch.T
                  position_ids=position_ids(attention_mask))  # fmt: skip
 
 
+def teacher_forced_logits(model, vocab: JointVocab, ids: torch.Tensor, attention_mask: torch.Tensor):
+    """Logits (B, T, V) of stored sequences, position t predicting ids[:, t+1]: the next-scale forward when
+    the vocabulary has image scales, the plain causal forward otherwise."""
+    if vocab.image_scales is not None:
+        return forward(model, vocab, ids, attention_mask).logits
+    return model(input_ids=ids, attention_mask=attention_mask).logits
+
+
 def scale_losses(logits: torch.Tensor, ids: torch.Tensor, vocab: JointVocab) -> dict[str, tuple[torch.Tensor, int]]:
     """Per-scale image loss, for validation: logits (B, T, V) of `forward`, stored ids (B, T) ->
     {"image_s{k}": (sum of cross-entropy over scale k's codes, their count)}, the softmax taken over the code

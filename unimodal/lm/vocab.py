@@ -193,3 +193,14 @@ class JointVocab:
         if not path.is_file():
             raise FileNotFoundError(f"no joint vocabulary at {path}")
         return cls.from_dict(json.loads(path.read_text()))
+
+
+def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Joint-id sequences right-padded to the longest: (B, T) ids and attention mask, as training reads them."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.as_tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask

@@ -21,7 +21,7 @@ from unimodal.data.codes import load_codes, read_info, weights_digest
 from unimodal.data.images import decode_or_skip, image_to_tensor, image_to_uint8, uint8_to_float
 from unimodal.data.order import ResumableData
 from unimodal.data.pairs import DataSource, load_pairs
-from unimodal.lm.vocab import JointVocab
+from unimodal.lm.vocab import JointVocab, right_pad
 from unimodal.tokenizers.image import WEIGHTS_FILE, ImageTokenizer, load_config
 from unimodal.tokenizers.text import TOKENIZER_FILE, TextTokenizer
 
@@ -340,13 +340,7 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
 
     def _collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         """Right-pad to the longest sequence in the batch: input_ids and attention_mask (B, T)."""
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), self.vocab.pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = len(r["input_ids"])
-            ids[i, :n] = torch.as_tensor(r["input_ids"])
-            mask[i, :n] = 1
+        ids, mask = right_pad([r["input_ids"] for r in rows], self.vocab.pad)
         return {"input_ids": ids, "attention_mask": mask}
 
     def _stream_item(self, row: dict) -> dict | None:

@@ -247,10 +247,10 @@ class TransformerModule(_ResumeOnThisDevice, L.LightningModule):
         return self._compiled[1]
 
     def _loss(self, batch):
-        if self.vocab.image_scales is not None:  # next-scale images: block-causal attention over scale queries
-            logits = next_scale.forward(self._model(), self.vocab, batch["input_ids"], batch["attention_mask"]).logits
-        else:
-            logits = self._model()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # next-scale images: block-causal attention over scale queries; raster: the plain forward
+        logits = next_scale.teacher_forced_logits(
+            self._model(), self.vocab, batch["input_ids"], batch["attention_mask"]
+        )
         loss, parts = sequence_loss(logits, batch["input_ids"], batch["attention_mask"], self.grammar,
                                     self.loss_weights, self.hparams.grammar_loss_mask)  # fmt: skip
         if self.vocab.image_scales is not None and not self.training:  # val/loss_image_s{k}: each scale's loss
