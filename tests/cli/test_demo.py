@@ -14,6 +14,7 @@ def test_quick_demo_runs_every_step_with_offline_wandb(tmp_path, monkeypatch):
     assert set(tiny) <= set(quick)
     quick |= tiny
     monkeypatch.setattr(demo, "QUICK", [item for pair in quick.items() for item in pair])
+    monkeypatch.setattr(demo, "QUICK_JUDGE", {"train_images": 256, "epochs": 1})
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     summary = demo.run_demo(tmp_path / "demo", wandb="offline", quick=True)

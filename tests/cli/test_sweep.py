@@ -79,11 +79,17 @@ def test_sweep_runs_a_tiny_family_skips_what_is_finished_and_survives_a_broken_r
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     family = _family(tmp_path)
+    (family / "broken.yaml").write_text("# a typo\nmodel: {no_such_option: 1}\n")
+    (family / "sweep.yaml").write_text((family / "sweep.yaml").read_text() + "runs: [small, broken, wide]\n")
     cache = f"--data.source.cache_dir {hf_cache} --run.wandb offline"
     args = dict(root=tmp_path / "runs", wandb="offline", stage1_args=f"{TINY} {cache} --model.model.codebook_size 64",
                 stage2_args=f"{TINY} {cache}")  # fmt: skip
-    table = run_sweep(family, **args)
-    text = table.read_text()
+    # a broken run fails alone and is reported; the run after it still trains, and the family is compared
+    with pytest.raises(RuntimeError, match="1 problem.*broken"):
+        run_sweep(family, **args)
+    out = capsys.readouterr().out
+    assert "broken FAILED" in out and out.index("broken FAILED") < out.index("transformer wide\n")
+    text = (tmp_path / "runs" / "fam" / "compare" / "compare.md").read_text()
     header = next(line for line in text.splitlines() if line.startswith("| run |")).split("|")
     rows = [line.split("|") for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
     col = [c.strip() for c in header].index("eval/test/caption_fidelity")
@@ -97,21 +103,18 @@ def test_sweep_runs_a_tiny_family_skips_what_is_finished_and_survives_a_broken_r
     assert (tmp_path / "runs" / "fam" / "reranker").is_dir() and "eval/test/rerank_candidates" not in curves
     assert (tmp_path / "runs" / "fam" / "wide" / "eval_heldout.json").is_file()
     assert list((tmp_path / "runs" / "fam" / "wide" / "wandb").glob("offline-run-*/files/media/table/*"))
-    capsys.readouterr()
-    run_sweep(family, **args)  # everything finished: nothing retrains
-    assert capsys.readouterr().out.count("done already") == 4
-    # a broken run fails alone and is reported; --force reruns wide after it and keeps the shared tokenizer
-    (family / "broken.yaml").write_text("# a typo\nmodel: {no_such_option: 1}\n")
-    (family / "sweep.yaml").write_text((family / "sweep.yaml").read_text() + "runs: [small, broken, wide]\n")
-    with pytest.raises(RuntimeError, match="1 problem.*broken"):
-        run_sweep(family, only=["broken", "wide"], force=True, **args)
-    out = capsys.readouterr().out
-    assert "tokenizer tokenizer: done already" in out and "transformer wide\n" in out and "broken FAILED" in out
-    assert out.index("broken FAILED") < out.index("transformer wide\n")  # the run after the broken one still trained
     fit = plan(load_family(family), tmp_path / "runs")[-1]
     assert fit.name == "wide" and _finished(fit, tmp_path / "runs" / "fam", "eval/test/caption_fidelity")
-    table = (tmp_path / "runs" / "fam" / "compare" / "compare.md").read_text()
-    assert "small" in table and "wide" in table and "broken" not in table
+    # everything that finished is not trained again; the broken run is tried again and fails again
+    with pytest.raises(RuntimeError, match="1 problem.*broken"):
+        run_sweep(family, **args)
+    out = capsys.readouterr().out
+    assert out.count("done already") == 4 and "broken FAILED" in out
+    # --force retries the runs named, and keeps the shared tokenizer the other runs trained on
+    with pytest.raises(RuntimeError, match="1 problem.*broken"):
+        run_sweep(family, only=["broken"], force=True, **args)
+    out = capsys.readouterr().out
+    assert "tokenizer tokenizer: done already" in out and "transformer broken\n" in out and "broken FAILED" in out
 
 
 def test_a_run_killed_during_evaluation_is_not_finished(tmp_path):

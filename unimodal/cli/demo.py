@@ -32,6 +32,7 @@ QUICK = [  # a smoke run of the same pipeline (under a minute on 2 CPU cores): t
     "--data.source.shapes.train_size", "600", "--data.source.shapes.test_size", "64",
     "--data.source.shapes.heldout_size", "64",
 ]  # fmt: skip
+QUICK_JUDGE = {"train_images": 1024, "epochs": 2}  # the quick run's judge (JudgeConfig fields)
 
 
 def run_demo(out: Path, wandb: str = "auto", quick: bool = False) -> dict:
@@ -80,7 +81,7 @@ def run_demo(out: Path, wandb: str = "auto", quick: bool = False) -> dict:
     start = time.perf_counter()
     results = {}
     n = 32 if quick else 200
-    judge = JudgeConfig(train_images=1024, epochs=2) if quick else None
+    judge = JudgeConfig(**QUICK_JUDGE) if quick else None
     for split in ("test", "heldout"):
         results[split] = evaluate_bundle(
             bundle, split, bundle_dir / "judge", num_captions=n, params=sampling,

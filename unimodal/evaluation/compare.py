@@ -45,6 +45,9 @@ def run_name(run_dir: str | Path) -> str:
     return p.parent.parent.name if p.name == "metrics.csv" else p.name
 
 
+MAX_POINT_PANELS = 6  # panels drawn when no metric has a curve and no ranking metric is given
+
+
 def _is_compared(metric: str) -> bool:
     """Validation curves (`val/`, `val_{split}/`) and end-of-fit evaluation (`eval/`)."""
     return metric.startswith(("val/", "val_", "eval/"))
@@ -60,7 +63,8 @@ def compare(
 ) -> tuple[Path, Path]:
     """Writes `compare.md` (final value of every val/ and eval/ metric per run, sorted by `sort_by`, the
     best run in bold, with each run's note) and `curves.png` (metrics logged more than once, best run
-    drawn thick). `metrics` keeps only metrics containing one of the given substrings."""
+    drawn thick; where none is, the ranking metric's points). `metrics` keeps only metrics containing one
+    of the given substrings."""
     if not run_dirs:
         raise ValueError("give at least one run folder")
     names = [run_name(d) for d in run_dirs]
@@ -100,7 +104,9 @@ def compare(
     table = out_dir / "compare.md"
     table.write_text("\n".join(lines) + "\n")
 
-    curves = [m for m in found if any(len(c.get(m, [])) > 1 for c in runs.values())] or found
+    curves = [m for m in found if any(len(c.get(m, [])) > 1 for c in runs.values())]
+    if not curves:  # every metric is one point per run (a run validated once): no curve to draw but the ranking
+        curves = [sort_by] if sort_by else found[:MAX_POINT_PANELS]
     ncol = min(3, len(curves))
     nrow = (len(curves) + ncol - 1) // ncol
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.5 * ncol, 3.2 * nrow), squeeze=False)
