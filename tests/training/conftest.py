@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from ..conftest import Started, start_unimodal, tokenizer_args, transformer_args
+from ..conftest import Started, start_unimodal, tokenizer_args, transformer_args, warn_if_built_twice
 
 # Stage 1, logging every step and checkpointing every 2: 256 images / batch 64 (set here, whatever the shipped
 # recipe's batch) = 4 steps per epoch, so 6 steps cross an epoch boundary. The EMA codebook with dead-code
@@ -40,6 +40,7 @@ def stage1(tmp_path_factory, hf_cache):
     last.ckpt after step 4)}; the 'whole' fit is done."""
     from unimodal.training.fit import TokenizerCLI
 
+    warn_if_built_twice(tmp_path_factory, "stage1")
     root = tmp_path_factory.mktemp("stage1")
 
     def args(name: str, *extra: str) -> list[str]:
