@@ -25,7 +25,7 @@ Time and size: about 180 MB of downloads (cached in --cache), then about 30 s on
 default three groups (about 1,400 images, 6 MB).
 
     python data/emoji.py --out data/cache/emoji64
-    unimodal fit-tokenizer --config experiments/emoji/tokenizer.yaml     # reads data/cache/emoji64
+    unimodal tokenizer fit --config experiments/emoji/tokenizer.yaml     # reads data/cache/emoji64
 """
 
 from __future__ import annotations

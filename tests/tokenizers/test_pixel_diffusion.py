@@ -133,7 +133,7 @@ def test_training_restores_detail_the_vq_decoder_loses():
     vq_psnr = float(psnr(tok.decode(codes, "vq"), images).mean())
     dec = PixelDiffusionDecoder(PixelDiffusionConfig(channels=32, channel_mult=[1, 2], sampling_steps=10), 8, 16)
     opt = torch.optim.AdamW(dec.parameters(), lr=2e-3)
-    for _ in range(250):
+    for _ in range(150):  # 8 dB above the VQ decoder's PSNR here (14 dB after 250 steps)
         loss = dec.loss(tok, images)
         opt.zero_grad()
         loss.backward()

@@ -41,14 +41,15 @@ def test_module_loss_is_the_block_causal_loss():
 def test_both_stages_fit_with_multiscale_codes(tmp_path, hf_cache):
     from tests.conftest import fit_tokenizer, fit_transformer
 
-    extra = ["--model.model.quantizer", "multiscale", "--model.model.scales", "[1, 2, 4, 8]"]
+    small = ["--data.batch_size", "32"]
+    extra = ["--model.model.quantizer", "multiscale", "--model.model.scales", "[1, 2, 4, 8]", *small]
     tokenizer = fit_tokenizer(tmp_path, hf_cache, steps=20, name="ms", extra=extra)
-    export = fit_transformer(tmp_path, hf_cache, tokenizer, steps=40, extra=["--data.caption_dropout", "0.1"])
+    export = fit_transformer(tmp_path, hf_cache, tokenizer, steps=40, extra=["--data.caption_dropout", "0.1", *small])
     bundle = Bundle.load(export)
     assert bundle.vocab.image_scales == (1, 2, 4, 8) and bundle.vocab.image_tokens == 85
     images = bundle.generate(["a red circle at the top left"], SamplingParams(cfg_scale=2.0, top_k=50))
     assert images.shape == (1, 3, 32, 32)
     curve = read_curves(tmp_path / "lm" / "csv" / "metrics.csv")["train/loss"]
-    assert curve[-1][1] < curve[0][1] * 0.9
+    assert curve[-1][1] < curve[0][1] * 0.9  # 0.69 here
     assert {"val/loss_image_s0", "val/loss_image_s3"} <= set(read_curves(tmp_path / "lm" / "csv" / "metrics.csv"))
     assert list((tmp_path / "lm" / "samples").glob("samples_step*.png")), "no sample grid written at validation"
