@@ -29,4 +29,5 @@ def test_compare_two_runs_writes_table_and_plot(trained, tmp_path):
     rows = {line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ")}
     assert {"tok", "**lm**"} <= rows, rows  # lm is the only run with val/loss, so it is the best and bold
     assert "val/psnr" in text and "val/loss_image" in text
-    assert Image.open(plot).size[0] > 300
+    # each run validated once: no metric has a curve, so the plot is the ranking metric's one panel
+    assert 300 < Image.open(plot).size[0] < 600
