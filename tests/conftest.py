@@ -37,6 +37,7 @@ TINY_DATA = [
 ]  # fmt: skip
 QUIET = ["--run.wandb", "disabled", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 TINY_TRANSFORMER = ["--model.model.n_layers", "2", "--model.model.d_model", "64", "--model.model.ffn_hidden", "128"]
+SMALL_BATCH = ["--data.batch_size", "32"]  # for the tiny fits that only need their loss to fall
 
 
 def tokenizer_args(root: Path, cache: Path, name: str, *extra: str) -> list[str]:
@@ -163,9 +164,8 @@ def trained(tmp_path_factory, hf_cache) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("runs")
     # batches of 32: the losses end at 0.41 (tokenizer) and 0.70 (transformer) of their first values; the fit
     # tests ask for < 0.7 and < 0.8
-    small = ["--data.batch_size", "32"]
-    tokenizer = fit_tokenizer(root, hf_cache, steps=40, extra=small)
-    bundle = fit_transformer(root, hf_cache, tokenizer, steps=40, extra=small)
+    tokenizer = fit_tokenizer(root, hf_cache, steps=40, extra=SMALL_BATCH)
+    bundle = fit_transformer(root, hf_cache, tokenizer, steps=40, extra=SMALL_BATCH)
     return {"root": root, "tokenizer": tokenizer, "bundle": bundle}
 
 

@@ -39,12 +39,12 @@ def test_module_loss_is_the_block_causal_loss():
 
 @pytest.mark.slow
 def test_both_stages_fit_with_multiscale_codes(tmp_path, hf_cache):
-    from tests.conftest import fit_tokenizer, fit_transformer
+    from tests.conftest import SMALL_BATCH, fit_tokenizer, fit_transformer
 
-    small = ["--data.batch_size", "32"]
-    extra = ["--model.model.quantizer", "multiscale", "--model.model.scales", "[1, 2, 4, 8]", *small]
+    extra = ["--model.model.quantizer", "multiscale", "--model.model.scales", "[1, 2, 4, 8]", *SMALL_BATCH]
     tokenizer = fit_tokenizer(tmp_path, hf_cache, steps=20, name="ms", extra=extra)
-    export = fit_transformer(tmp_path, hf_cache, tokenizer, steps=40, extra=["--data.caption_dropout", "0.1", *small])
+    dropout = ["--data.caption_dropout", "0.1", *SMALL_BATCH]
+    export = fit_transformer(tmp_path, hf_cache, tokenizer, steps=40, extra=dropout)
     bundle = Bundle.load(export)
     assert bundle.vocab.image_scales == (1, 2, 4, 8) and bundle.vocab.image_tokens == 85
     images = bundle.generate(["a red circle at the top left"], SamplingParams(cfg_scale=2.0, top_k=50))

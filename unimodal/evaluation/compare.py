@@ -63,8 +63,8 @@ def compare(
 ) -> tuple[Path, Path]:
     """Writes `compare.md` (final value of every val/ and eval/ metric per run, sorted by `sort_by`, the
     best run in bold, with each run's note) and `curves.png` (metrics logged more than once, best run
-    drawn thick; where none is, the ranking metric's points). `metrics` keeps only metrics containing one
-    of the given substrings."""
+    drawn thick; where none is, the ranking metric's points, or the first six metrics without one).
+    `metrics` keeps only metrics containing one of the given substrings."""
     if not run_dirs:
         raise ValueError("give at least one run folder")
     names = [run_name(d) for d in run_dirs]
