@@ -65,15 +65,25 @@ def test_masked_tokens_do_not_count_in_the_loss():
         torch.nn.init.normal_(p, std=0.3)
     target, z = torch.randn(6, 2), torch.randn(6, 2)
     mask = torch.tensor([1, 1, 1, 0, 0, 0], dtype=torch.bool)
-    torch.manual_seed(0)
-    head.loss(target, z, mask).backward()
+    head.loss(target, z, mask, generator=torch.Generator().manual_seed(0)).backward()
     grads = [p.grad.clone() for p in head.parameters()]
     head.zero_grad()
-    torch.manual_seed(0)
     changed = target.clone()
     changed[3:] += 100.0  # masked rows: their values must not matter
-    head.loss(changed, z, mask).backward()
+    head.loss(changed, z, mask, generator=torch.Generator().manual_seed(0)).backward()
     assert all(torch.allclose(a, p.grad) for a, p in zip(grads, head.parameters()))
+
+
+@pytest.mark.parametrize("process", ["ddpm", "flow"])
+def test_the_loss_draws_its_steps_and_noise_from_the_given_generator(process):
+    head = DiffLoss(DiffLossConfig(token_dim=2, cond_dim=2, width=16, depth=1, process=process))
+    target, z = torch.randn(8, 2), torch.randn(8, 2)
+    first = head.loss(target, z, generator=torch.Generator().manual_seed(5))
+    torch.randn(100)  # the global generator moves; the given one decides
+    again = head.loss(target, z, generator=torch.Generator().manual_seed(5))
+    other = head.loss(target, z, generator=torch.Generator().manual_seed(6))
+    assert first == again
+    assert first != other
 
 
 def mode_weights(x: torch.Tensor) -> torch.Tensor:

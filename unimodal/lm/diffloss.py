@@ -116,13 +116,20 @@ class DiffLoss(nn.Module):
         self.net = DenoiserMLP(config)
         self.process = build_process(config.process, config.num_steps)
 
-    def loss(self, target: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(
+        self,
+        target: torch.Tensor,
+        z: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Mean denoising MSE over the tokens where `mask` (N,) is true; target (N, D), z (N, Z).
-        Each token is repeated `batch_mul` times with its own step and noise."""
+        Each token is repeated `batch_mul` times with its own step and noise, drawn from `generator`
+        (the global generator when None)."""
         m = self.config.batch_mul
         target, z = target.repeat(m, 1), z.repeat(m, 1)  # (m*N, D), (m*N, Z)
-        noise = torch.randn_like(target)
-        x_t, t, goal = self.process.training_example(target, noise)
+        noise = torch.randn(target.shape, dtype=target.dtype, device=target.device, generator=generator)
+        x_t, t, goal = self.process.training_example(target, noise, generator=generator)
         per_token = F.mse_loss(self.net(x_t, t, z), goal, reduction="none").mean(-1)  # (m*N,)
         if mask is None:
             return per_token.mean()
