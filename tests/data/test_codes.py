@@ -42,6 +42,27 @@ def test_extracted_codes_are_the_tokenizers_codes_with_flips_and_shards(tiny_bun
     assert {(r["text"], r["flipped"]): r["codes"] for r in rows} == expected
 
 
+def test_corner_crops_are_rows_of_their_own(tiny_bundle, folder, tmp_path):
+    """crops=5: the whole image and the four corners of it enlarged 1.25x (32 -> 40 pixels), each encoded."""
+    tok_dir = tiny_bundle / "image_tokenizer"
+    tok = ImageTokenizer.from_pretrained(tok_dir).eval()
+    source = DataSource(name=str(folder))
+    info = extract_codes(tok, tok_dir, source, tmp_path / "codes", splits=("train",), crops=5, crop_scale=1.25)
+    assert info["rows"] == {"train": 35} and info["crops"] == 5 and info["crop_scale"] == 1.25
+    pairs = load_pairs(source, "train")
+    big = torch.stack([image_to_tensor(im, 40) for im in pairs["image"]])
+    corners = {1: big[..., :32, :32], 2: big[..., :32, 8:], 3: big[..., 8:, :32], 4: big[..., 8:, 8:]}
+    expected = {(t, 0): c for t, c in zip(pairs["text"], tok.encode(torch.stack(
+        [image_to_tensor(im, 32) for im in pairs["image"]])).flatten(1).tolist())}  # fmt: skip
+    for crop, pixels in corners.items():
+        expected |= {(t, crop): c for t, c in zip(pairs["text"], tok.encode(pixels).flatten(1).tolist())}
+    rows = load_codes(tmp_path / "codes", "train")
+    assert {(r["text"], r["crop"]): r["codes"] for r in rows} == expected
+    assert len({tuple(r["codes"]) for r in rows}) > 7  # the crops are other code sequences, not copies
+    with pytest.raises(ValueError, match="crops=3"):
+        extract_codes(tok, tok_dir, source, tmp_path / "bad", crops=3)
+
+
 def _module(tiny_bundle, folder, **kw):
     return SequenceDataModule(str(tiny_bundle / "image_tokenizer"), str(tiny_bundle / "text_tokenizer"),
                               source=DataSource(name=str(folder)), batch_size=2, **kw)  # fmt: skip

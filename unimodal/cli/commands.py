@@ -274,7 +274,11 @@ def extract_main(argv: list[str]) -> int:
     p.add_argument("--data", required=True, help="data source: a folder, a .csv/.parquet/.jsonl table, or 'shapes'")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--splits", nargs="+", default=["train", "test"], help="splits to extract (default: train test)")
-    p.add_argument("--flip", action="store_true", help="also store every image mirrored left-right (a second row)")
+    p.add_argument("--flip", action="store_true", help="also store every view mirrored left-right (a second row)")
+    p.add_argument("--crops", type=int, choices=[1, 5], default=1,
+                   help="views per image: 1 (the whole image) or 5 (also the four corner crops of it enlarged "
+                   "--crop-scale times; with --flip, LlamaGen's ten crops)")  # fmt: skip
+    p.add_argument("--crop-scale", type=float, default=1.1, help="enlargement before the corner crops (default 1.1)")
     p.add_argument("--background", default="white", help="colour under transparent pixels (default: white)")
     p.add_argument("--rows-per-shard", type=_positive_int, default=100_000)
     p.add_argument("--batch-size", type=_positive_int, default=256, help="images per tokenizer call")
@@ -286,7 +290,7 @@ def extract_main(argv: list[str]) -> int:
     tokenizer = ImageTokenizer.from_pretrained(args.tokenizer).eval()
     source = DataSource(name=args.data, background=args.background)
     info = extract_codes(tokenizer, args.tokenizer, source, args.out, tuple(args.splits), args.flip,
-                         args.rows_per_shard, args.batch_size)  # fmt: skip
+                         args.rows_per_shard, args.batch_size, args.crops, args.crop_scale)  # fmt: skip
     print(json.dumps(info, indent=2))
     return 0
 

@@ -8,10 +8,13 @@ in memory stream from disk. The shards are plain Parquet files written with pyar
 does for images. (Lightning's litdata would do the same with one more dependency and its own format.)
 
     OUT/info.json                  tokenizer digest, grid, codebook size, data source, counts, images/s
-    OUT/{split}/shard-00000.parquet  rows: codes (int16, h*w, raster order), text, flipped (bool)
+    OUT/{split}/shard-00000.parquet  rows: codes (int16, h*w, raster order), text, flipped (bool), crop (int8)
 
-With `flip`, every image is also stored mirrored left-right as a second row with the same caption
-(an augmentation variant, as LlamaGen's ten-crop/flip extraction does).
+Augmentation variants are extra rows with the same caption, as LlamaGen's ten-crop/flip extraction makes
+them: with `flip`, every view is also stored mirrored left-right; with `crops=5`, every image also gives
+the four corner crops of itself enlarged `crop_scale` times (crop 1-4: top-left, top-right, bottom-left,
+bottom-right; crop 0 is the whole image, the view training on images sees). `crops=5` with `flip` is ten
+rows per image.
 """
 
 from __future__ import annotations
@@ -31,7 +34,10 @@ from unimodal.data.images import decode_or_skip, image_to_tensor
 from unimodal.data.pairs import DataSource, load_pairs
 
 INFO_FILE = "info.json"
-SCHEMA = pa.schema([("codes", pa.list_(pa.int16())), ("text", pa.string()), ("flipped", pa.bool_())])
+SCHEMA = pa.schema(
+    [("codes", pa.list_(pa.int16())), ("text", pa.string()), ("flipped", pa.bool_()), ("crop", pa.int8())]
+)
+CROPS = (1, 5)  # the whole image; or it and the four corners of it enlarged
 
 
 def weights_digest(tokenizer_dir: str | Path) -> str:
@@ -47,7 +53,7 @@ class _ShardWriter:
         self.shard, self.rows, self.writer, self.total = 0, 0, None, 0
         folder.mkdir(parents=True, exist_ok=True)
 
-    def write(self, codes: torch.Tensor, texts: list[str], flipped: bool):
+    def write(self, codes: torch.Tensor, texts: list[str], flipped: bool, crop: int = 0):
         start = 0
         while start < len(texts):
             if self.writer is None:
@@ -55,7 +61,7 @@ class _ShardWriter:
             n = min(len(texts) - start, self.rows_per_shard - self.rows)
             table = pa.table(
                 {"codes": codes[start : start + n].flatten(1).to(torch.int16).tolist(),
-                 "text": texts[start : start + n], "flipped": [flipped] * n},
+                 "text": texts[start : start + n], "flipped": [flipped] * n, "crop": [crop] * n},
                 schema=SCHEMA,
             )  # fmt: skip
             self.writer.write_table(table)
@@ -69,6 +75,12 @@ class _ShardWriter:
             self.writer, self.rows, self.shard = None, 0, self.shard + 1
 
 
+def corner_crops(pixels: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """The top-left, top-right, bottom-left and bottom-right `size` x `size` crops of (B, C, H, W) pixels."""
+    h, w = pixels.shape[-2:]
+    return [pixels[..., top : top + size, left : left + size] for top in (0, h - size) for left in (0, w - size)]
+
+
 @torch.no_grad()
 def extract_codes(
     tokenizer,
@@ -79,12 +91,19 @@ def extract_codes(
     flip: bool = False,
     rows_per_shard: int = 100_000,
     batch_size: int = 256,
+    crops: int = 1,
+    crop_scale: float = 1.1,
 ) -> dict:
     """Encode every readable image of `splits` once; returns (and writes) the info record."""
     out = Path(out)
     if tokenizer.codebook_size > 2**15:
         raise ValueError(f"codebook of {tokenizer.codebook_size} codes does not fit the int16 shards")
+    if crops not in CROPS:
+        raise ValueError(f"crops={crops}: use 1 (the whole image) or 5 (it and four corner crops)")
     resolution = tokenizer.config.resolution
+    enlarged = round(resolution * crop_scale)
+    if crops > 1 and enlarged <= resolution:
+        raise ValueError(f"crop_scale={crop_scale} must enlarge the {resolution}-pixel image by at least one pixel")
     counts, skipped, start = {}, {}, time.perf_counter()
     for split in splits:
         ds = load_pairs(source, split)
@@ -98,10 +117,14 @@ def extract_codes(
                 continue
             unreadable = set(bad)
             texts = [t or "" for i, t in enumerate(batch["text"]) if i not in unreadable]
-            pixels = torch.stack([image_to_tensor(im, resolution, source.background) for im in images])
-            writer.write(tokenizer.encode(pixels), texts, flipped=False)
-            if flip:
-                writer.write(tokenizer.encode(pixels.flip(-1)), texts, flipped=True)
+            views = [torch.stack([image_to_tensor(im, resolution, source.background) for im in images])]
+            if crops > 1:
+                big = torch.stack([image_to_tensor(im, enlarged, source.background) for im in images])
+                views += corner_crops(big, resolution)
+            for crop, pixels in enumerate(views):
+                writer.write(tokenizer.encode(pixels), texts, flipped=False, crop=crop)
+                if flip:
+                    writer.write(tokenizer.encode(pixels.flip(-1)), texts, flipped=True, crop=crop)
         writer.close()
         counts[split], skipped[split] = writer.total, bad_rows
     seconds = time.perf_counter() - start
@@ -114,6 +137,8 @@ def extract_codes(
         "rows": counts,
         "unreadable_images": skipped,
         "flip": flip,
+        "crops": crops,
+        "crop_scale": crop_scale if crops > 1 else None,
         "seconds": round(seconds, 2),
         "rows_per_second": round(images / max(seconds, 1e-9), 1),
     }
