@@ -95,3 +95,31 @@ def test_codes_of_another_tokenizer_are_refused(tiny_bundle, folder, tmp_path):
     with pytest.raises(ValueError, match="another image tokenizer"):
         SequenceDataModule(str(other), str(tiny_bundle / "text_tokenizer"), source=DataSource(name=str(folder)),
                            codes=str(tmp_path / "codes"))  # fmt: skip
+
+
+def test_marked_crops_train_on_their_own_caption_and_whole_images_on_the_plain_one(tiny_bundle, folder, tmp_path):
+    tok_dir = tiny_bundle / "image_tokenizer"
+    tok = ImageTokenizer.from_pretrained(tok_dir).eval()
+    extract_codes(tok, tok_dir, DataSource(name=str(folder)), tmp_path / "codes", splits=("train",), crops=5)
+    module = _module(tiny_bundle, folder, codes=str(tmp_path / "codes"), mark_crops=True)
+    module.setup("fit")
+    vocab, text = module.vocab, module.text_tokenizer
+    expected = [
+        vocab.text_to_image_sequence(
+            text.encode(f"crop {r['crop']}, {r['text']}" if r["crop"] else r["text"]),
+            torch.tensor(r["codes"]).view(vocab.codes_shape),
+        )  # fmt: skip
+        for r in load_codes(tmp_path / "codes", "train")
+    ]
+    assert sorted(map(tuple, module.train_set["input_ids"])) == sorted(map(tuple, expected))
+    streamed = _module(tiny_bundle, folder, codes=str(tmp_path / "codes"), mark_crops=True, streaming=True)
+    streamed.setup("fit")
+    rows = [tuple(ids[m.bool()].tolist()) for batch in streamed.train_dataloader()
+            for ids, m in zip(batch["input_ids"], batch["attention_mask"])]  # fmt: skip
+    assert set(rows) <= set(map(tuple, expected))
+    plain = _module(tiny_bundle, folder, codes=str(tmp_path / "codes"))  # unmarked: another cache, plain captions
+    plain.setup("fit")
+    assert sorted(map(tuple, plain.train_set["input_ids"])) != sorted(map(tuple, expected))
+    extract_codes(tok, tok_dir, DataSource(name=str(folder)), tmp_path / "whole", splits=("train",))
+    with pytest.raises(ValueError, match="--crops 5"):
+        _module(tiny_bundle, folder, codes=str(tmp_path / "whole"), mark_crops=True)

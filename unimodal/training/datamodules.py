@@ -160,6 +160,10 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
         codes: folder written by `unimodal extract` with this image tokenizer: image codes are read from
             its Parquet shards (streamed with `streaming`) instead of encoding images; splits it lacks
             are encoded from `source` as usual.
+        mark_crops: with `codes` extracted with `--crops 5`, corner-crop rows train on the caption
+            prefixed "crop N, " (N = 1-4): the model learns from the crops and draws the whole image for a
+            plain caption (conditioning on the augmentation, as EDM does, so that it does not leak into
+            the samples). Off: crop rows train on the plain caption.
         caption_dropout: probability that a training text-to-image row gets the empty caption
             (`<bos> <boi> codes <eoi> <eos>`), which classifier-free guidance needs (0 = off).
         i2t_fraction: probability that a training row is rewritten in the captioning order
@@ -191,10 +195,11 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
         seed: int = 0,
         streaming: bool = False,
         codes: str | None = None,
+        mark_crops: bool = False,
     ):
         super().__init__()
         self.seed, self.streaming = seed, streaming
-        self.codes = codes
+        self.codes, self.mark_crops = codes, mark_crops
         if codes is not None:
             recorded, actual = read_info(codes)["tokenizer_digest"], weights_digest(image_tokenizer)
             if recorded != actual:
@@ -202,6 +207,10 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
                     f"the codes in {codes} were extracted with another image tokenizer (weights {recorded}, "
                     f"{image_tokenizer} has {actual}); extract them again with this one"
                 )
+        if mark_crops and (codes is None or read_info(codes).get("crops", 1) == 1):
+            raise ValueError(
+                "data.mark_crops needs data.codes extracted with corner crops (unimodal extract --crops 5)"
+            )
         for name, value in (("caption_dropout", caption_dropout), ("i2t_fraction", i2t_fraction)):
             if not 0 <= value < 1:
                 raise ValueError(f"data.{name} must be in [0, 1), got {value}")
@@ -260,6 +269,7 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
             _file_digest(self.text_tokenizer_dir / TOKENIZER_FILE),
             str(sorted(self.vocab.to_dict().items())),
             self.source.background,
+            f"mark_crops={self.mark_crops}",
         ]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
@@ -305,11 +315,17 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
 
         def encode(batch):
             codes = torch.tensor(batch["codes"], dtype=torch.long).view(-1, *shape)
-            texts = self.text_tokenizer.encode_batch([t or "" for t in batch["text"]])
+            crops = batch.get("crop") or [0] * len(codes)
+            texts = self.text_tokenizer.encode_batch([self._code_caption(t, c) for t, c in zip(batch["text"], crops)])
             return {"input_ids": [vocab.text_to_image_sequence(t, c) for t, c in zip(texts, codes)]}
 
         return ds.map(encode, batched=True, batch_size=1024, remove_columns=ds.column_names,
                       new_fingerprint=self._fingerprint(ds), desc="tokenizing extracted codes")  # fmt: skip
+
+    def _code_caption(self, text: str | None, crop: int) -> str:
+        """The caption a row of extracted codes trains on (see `mark_crops`)."""
+        text = text or ""
+        return f"crop {crop}, {text}" if self.mark_crops and crop else text
 
     def _has_codes(self, split: str) -> bool:
         return self.codes is not None and split in read_info(self.codes)["rows"]
@@ -346,9 +362,8 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
     def _stream_item(self, row: dict) -> dict | None:
         if "codes" in row:  # a row of extracted codes
             codes = torch.tensor(row["codes"], dtype=torch.long).view(self.vocab.codes_shape)
-            return {
-                "input_ids": self.vocab.text_to_image_sequence(self.text_tokenizer.encode(row["text"] or ""), codes)
-            }
+            text = self._code_caption(row["text"], row.get("crop") or 0)
+            return {"input_ids": self.vocab.text_to_image_sequence(self.text_tokenizer.encode(text), codes)}
         images, _ = decode_or_skip([row["image"]])
         if not images:
             return None
