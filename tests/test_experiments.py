@@ -107,3 +107,6 @@ def test_emoji_family_configs_parse_with_print_config(run, capsys):
     assert printed["run"]["name"] == run and printed["run"]["root"] == "runs/emoji-family"
     if program in ("TransformerCLI", "ContinuousCLI"):  # every stage 2 at the family's one budget
         assert printed["trainer"]["max_steps"] == 300 and printed["data"]["source"]["name"] == "data/cache/emoji64"
+        # measured with the 1 : 1 loss on images, sampled at T 1 / cfg 3, whatever the recipe below it says now
+        assert printed["model"]["loss_weights"] == {"text": 1.0, "image": 1.0} and printed["data"]["codes"] is None
+        assert (printed["evaluation"]["temperature"], printed["evaluation"]["cfg_scale"]) == (1.0, 3.0)
