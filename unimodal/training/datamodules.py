@@ -162,8 +162,8 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
             are encoded from `source` as usual.
         mark_crops: with `codes` extracted with `--crops 5`, corner-crop rows train on the caption
             prefixed "crop N, " (N = 1-4): the model learns from the crops and draws the whole image for a
-            plain caption (conditioning on the augmentation, as EDM does, so that it does not leak into
-            the samples). Off: crop rows train on the plain caption.
+            plain caption (conditioning on the augmentation, as EDM does, to keep the crops out of the
+            samples). Off: crop rows train on the plain caption.
         caption_dropout: probability that a training text-to-image row gets the empty caption
             (`<bos> <boi> codes <eoi> <eos>`), which classifier-free guidance needs (0 = off).
         i2t_fraction: probability that a training row is rewritten in the captioning order
