@@ -200,14 +200,15 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
         super().__init__()
         self.seed, self.streaming = seed, streaming
         self.codes, self.mark_crops = codes, mark_crops
+        info = read_info(codes) if codes is not None else {}
         if codes is not None:
-            recorded, actual = read_info(codes)["tokenizer_digest"], weights_digest(image_tokenizer)
+            recorded, actual = info["tokenizer_digest"], weights_digest(image_tokenizer)
             if recorded != actual:
                 raise ValueError(
                     f"the codes in {codes} were extracted with another image tokenizer (weights {recorded}, "
                     f"{image_tokenizer} has {actual}); extract them again with this one"
                 )
-        if mark_crops and (codes is None or read_info(codes).get("crops", 1) == 1):
+        if mark_crops and info.get("crops", 1) == 1:
             raise ValueError(
                 "data.mark_crops needs data.codes extracted with corner crops (unimodal extract --crops 5)"
             )
@@ -269,7 +270,6 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
             _file_digest(self.text_tokenizer_dir / TOKENIZER_FILE),
             str(sorted(self.vocab.to_dict().items())),
             self.source.background,
-            f"mark_crops={self.mark_crops}",
         ]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
@@ -320,7 +320,8 @@ class SequenceDataModule(ResumableData, L.LightningDataModule):
             return {"input_ids": [vocab.text_to_image_sequence(t, c) for t, c in zip(texts, codes)]}
 
         return ds.map(encode, batched=True, batch_size=1024, remove_columns=ds.column_names,
-                      new_fingerprint=self._fingerprint(ds), desc="tokenizing extracted codes")  # fmt: skip
+                      new_fingerprint=self._fingerprint(ds) + ("-marked" if self.mark_crops else ""),
+                      desc="tokenizing extracted codes")  # fmt: skip
 
     def _code_caption(self, text: str | None, crop: int) -> str:
         """The caption a row of extracted codes trains on (see `mark_crops`)."""
