@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from unimodal.data.pairs import DataSource, load_pairs
+from unimodal.data.pairs import DataSource, load_pairs, readable_images
 from unimodal.evaluation.features import FeatureNetConfig, train_feature_net
 from unimodal.evaluation.realdata import (
     data_of,
@@ -81,11 +81,9 @@ def _folder(root, held_out=(("yellow", "bar"), ("red", "disc")), copies=6):
 
 
 def test_feature_net_learns_captions_and_labels_of_its_training_pairs(tmp_path):
-    from unimodal.evaluation.realdata import _real_images
-
     ds = load_pairs(DataSource(name=str(_folder(tmp_path / "d"))), "train")
     assert label_columns(ds) == ["colour", "style"]
-    images, _ = _real_images(ds, 32, "white")
+    images, _ = readable_images(ds, 32, "white")
     captions, labels = ds["text"], {k: ds[k] for k in ("colour", "style")}
     net = train_feature_net(FeatureNetConfig.for_data(captions, labels, 32, steps=150, channels=16), images,
                             captions, labels)  # fmt: skip
@@ -123,6 +121,18 @@ def test_evaluate_real_reports_each_metric_beside_its_ceiling_and_floor(bundle, 
     assert set(result["attribute_accuracy"]["style"]) == {"generated", "real", "real_train"}
     assert 0 <= result["tokenizer"]["codebook_usage"] <= 1 and result["num_captions"] == 6
     assert run() == result  # deterministic for a seed, the cached features included
+
+
+def test_evaluate_real_with_reranking_reports_the_first_candidates_beside(bundle, tmp_path):
+    source = DataSource(name=str(_folder(tmp_path / "pics")))
+    result = evaluate_real(bundle, source, "test", tmp_path / "features", 4, SamplingParams(batch_size=8), rerank=2,
+                           features={"steps": 5}, reranker={"dim": 16, "min_steps": 5})  # fmt: skip
+    assert result["rerank_candidates"] == 2 and (tmp_path / "reranker" / "model.safetensors").is_file()
+    for metric in (result["frechet_distance"], result["kid"], result["prompt_agreement"],
+                   result["attribute_accuracy"]["colour"]):  # fmt: skip
+        assert {"generated", "generated_without_rerank"} <= set(metric)
+    with pytest.raises(ValueError, match="rerank must be"):
+        evaluate_real(bundle, source, "test", tmp_path / "features", 4, rerank=0)
 
 
 def test_evaluate_real_scores_a_bundle_of_continuous_tokens(tmp_path):

@@ -67,8 +67,9 @@ def sample_main(argv: list[str]) -> int:
     p.add_argument("--out", default="grid.png", help="PNG grid to write (default grid.png)")
     p.add_argument("--out-dir", default=None, help="also write each image as a PNG into this folder")
     p.add_argument("--rerank", type=_positive_int, default=None,
-                   help="generate this many candidates per prompt and keep the --num-images best by the "
-                        "contrastive scorer (trained once, cached in BUNDLE/reranker)")  # fmt: skip
+                   help="generate this many candidates per prompt and keep the --num-images best by a "
+                        "contrastive scorer (trained once on the bundle's training pairs, cached in "
+                        "BUNDLE/reranker)")  # fmt: skip
     _sampling_args(p)
     args = p.parse_args(argv)
     from unimodal.data.images import tensor_to_image
@@ -134,7 +135,8 @@ def evaluate_main(argv: list[str]) -> int:
         "--rerank",
         type=_positive_int,
         default=1,
-        help="shapes: candidates per caption, the contrastive scorer keeps the best (1 = off)",
+        help="candidates per caption; a contrastive scorer (trained once on the bundle's training pairs, cached "
+        "in BUNDLE/reranker) keeps the best, and the scores without it are reported beside (1 = off)",
     )
     _sampling_args(p)
     args = p.parse_args(argv)
@@ -161,7 +163,8 @@ def evaluate_main(argv: list[str]) -> int:
         )  # fmt: skip
     else:
         result = evaluate_real(bundle, source, args.split, args.feature_dir or Path(args.bundle) / "eval_features",
-                               args.num_captions, params, grid_path=args.grid)  # fmt: skip
+                               args.num_captions, params, grid_path=args.grid, rerank=args.rerank,
+                               reranker_dir=Path(args.bundle) / "reranker")  # fmt: skip
     if args.json:
         write_json(result, args.json)
     print(json.dumps(result, indent=2))

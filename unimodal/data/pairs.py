@@ -19,8 +19,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import datasets
+import torch
 
-from .images import BACKGROUND, background_rgb
+from .images import BACKGROUND, background_rgb, decode_or_skip, images_to_tensor
 from .shapes import ShapesConfig, shapes_dataset
 
 log = logging.getLogger(__name__)
@@ -178,3 +179,14 @@ def load_pairs(source: DataSource, split: str) -> datasets.Dataset:
             f"subfolder, or validate on another split (e.g. data.val_split: {next(iter(dd))})."
         )
     return _rename_columns(dd[split], source, split)
+
+
+def readable_images(ds: datasets.Dataset, resolution: int, background: str = BACKGROUND):
+    """The images of the rows that can be read, as a tensor (N, 3, R, R) in [-1, 1], and those rows' indices."""
+    if len(ds) == 0:
+        return torch.empty(0, 3, resolution, resolution), []
+    undecoded = ds.cast_column("image", datasets.Image(decode=False))["image"]
+    images, bad = decode_or_skip(undecoded)
+    unreadable = set(bad)
+    keep = [i for i in range(len(undecoded)) if i not in unreadable]
+    return images_to_tensor(images, resolution, background), keep

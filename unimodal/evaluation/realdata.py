@@ -12,6 +12,13 @@ In the feature space of `features.py` (trained on the data's real training pairs
   training images (floor);
 - the image tokenizer on the split's real images: PSNR, SSIM, codebook usage, perplexity;
 - caption dependence: the teacher-forced image loss with own against shuffled captions (`conditioning.py`).
+
+With `rerank=N > 1`, N candidates are drawn per caption and the reranker (`generation/rerank.py`, a
+contrastive scorer of its own, trained on the same training pairs) keeps the best; every metric of
+the generated images is also reported for each caption's first candidate (`generated_without_rerank`,
+sampling without reranking at the candidates' seeds). The scorer and the evaluation network learn the
+same pairs, so read the reranked numbers as what a user of `sample --rerank` gets, not as a gain in
+the model.
 """
 
 from __future__ import annotations
@@ -23,8 +30,7 @@ import datasets
 import torch
 from tqdm import tqdm
 
-from unimodal.data.images import decode_or_skip, images_to_tensor
-from unimodal.data.pairs import DataSource, load_pairs
+from unimodal.data.pairs import DataSource, load_pairs, readable_images
 from unimodal.evaluation.conditioning import caption_dependence
 from unimodal.evaluation.features import FeatureNetConfig, load_or_train_feature_net
 from unimodal.evaluation.reconstruct import reconstruct
@@ -89,15 +95,6 @@ def label_columns(ds: datasets.Dataset) -> list[str]:
     return out
 
 
-def _real_images(ds: datasets.Dataset, resolution: int, background: str) -> tuple[torch.Tensor, list[int]]:
-    """Decoded images of the rows that can be read, and those rows' indices."""
-    undecoded = ds.cast_column("image", datasets.Image(decode=False))["image"]
-    images, bad = decode_or_skip(undecoded)
-    unreadable = set(bad)
-    keep = [i for i in range(len(undecoded)) if i not in unreadable]
-    return images_to_tensor(images, resolution, background), keep
-
-
 def seeded_subset(n: int, k: int, seed: int) -> list[int]:
     """Indices of `k` of `n` rows, a seeded random subset in file order (all rows if `k >= n`): files are
     often sorted by class, so the first `k` would be a biased sample."""
@@ -109,7 +106,7 @@ def seeded_subset(n: int, k: int, seed: int) -> list[int]:
 def feature_net_for(source: DataSource, resolution: int, directory: str | Path, **overrides):
     """The data's evaluation network, trained on its real training pairs once and cached in `directory`."""
     train = load_pairs(source, "train")
-    images, keep = _real_images(train, resolution, source.background)
+    images, keep = readable_images(train, resolution, source.background)
     train = train.select(keep)
     columns = label_columns(train)
     labels = {k: [str(v) for v in train[k]] for k in columns}
@@ -129,16 +126,22 @@ def evaluate_real(
     grid_path: str | Path | None = None,
     seed: int = 0,
     features: dict | None = None,
+    rerank: int = 1,
+    reranker_dir: str | Path | None = None,
+    reranker: dict | None = None,
 ) -> dict:
     """Metrics of one split of `source` as a JSON-friendly dict (see the module docstring); `features`
-    overrides FeatureNetConfig fields (steps, channels, ...)."""
+    overrides FeatureNetConfig fields (steps, channels, ...); `rerank` candidates per caption, the reranker
+    cached in `reranker_dir` (default: beside `feature_dir`), `reranker` overriding RerankerConfig fields."""
     params = params or SamplingParams()
+    if rerank < 1:
+        raise ValueError(f"rerank must be >= 1 candidates per caption, got {rerank}")
     resolution = bundle.image_tokenizer.config.resolution
     net, train, train_images = feature_net_for(source, resolution, feature_dir, **(features or {}))
     ds = load_pairs(source, split)
     chosen = seeded_subset(len(ds), num_captions, seed)
     ds = ds.select(chosen)
-    real, keep = _real_images(ds, resolution, source.background)
+    real, keep = readable_images(ds, resolution, source.background)
     rows = ds.select(keep)
     captions = [t or "" for t in rows["text"]]
     n = len(captions)
@@ -154,16 +157,27 @@ def evaluate_real(
     stats = token_statistics(tok, codes)
 
     generated = []
-    for start in tqdm(range(0, n, params.batch_size), desc=f"generating {split}"):
-        chunk = SamplingParams(**{**params.__dict__, "seed": params.seed + start, "images_per_prompt": 1})
-        generated.append(bundle.generate(captions[start : start + params.batch_size], chunk))
-    generated = torch.cat(generated)
+    per_call = max(1, params.batch_size // rerank)  # captions per generate() call
+    for start in tqdm(range(0, n, per_call), desc=f"generating {split}"):
+        chunk = SamplingParams(**{**params.__dict__, "seed": params.seed + start, "images_per_prompt": rerank})
+        generated.append(bundle.generate(captions[start : start + per_call], chunk))
+    generated = torch.cat(generated)  # (n * rerank, 3, R, R), grouped by caption
+    rows_of = {"generated": generated}
+    if rerank > 1:
+        from unimodal.generation.rerank import rerank as keep_best
+        from unimodal.generation.rerank import reranker_for
+
+        scorer = reranker_for(bundle, reranker_dir or Path(feature_dir).parent / "reranker", source,
+                              **(reranker or {}))  # fmt: skip
+        best, _ = keep_best(scorer, generated, bundle.text_tokenizer.encode_batch(captions), rerank)
+        rows_of = {"generated": best, "generated_without_rerank": generated[::rerank]}
+    generated = rows_of["generated"]
     if grid_path:
         make_grid(generated[:32], captions[:32], ncol=8).save(grid_path)
 
     feats = {name: net.embed(x) for name, x in
-             (("real", real), ("generated", generated), ("reconstructed", recon), ("real_train", floor))}  # fmt: skip
-    fd = {k: frechet_distance(feats[k], feats["real"]) for k in ("generated", "reconstructed", "real_train")}
+             (("real", real), *rows_of.items(), ("reconstructed", recon), ("real_train", floor))}  # fmt: skip
+    fd = {k: frechet_distance(feats[k], feats["real"]) for k in (*rows_of, "reconstructed", "real_train")}
     kid = {k: kernel_inception_distance(feats[k], feats["real"], seed=seed) for k in fd}
 
     candidates = list(dict.fromkeys(captions))[:CANDIDATES]
@@ -171,7 +185,7 @@ def evaluate_real(
     ranked = [i for i, c in enumerate(captions) if c in index]  # images whose caption is a candidate
     own = torch.tensor([index[captions[i]] for i in ranked])
     agreement = {}
-    for name in ("generated", "real"):
+    for name in (*rows_of, "real"):
         agreement[name] = recall_at(net.similarity(feats[name][ranked], candidates), own)
     floor_ranked = [i for i in ranked if i < len(floor_idx)]
     agreement["random_train"] = recall_at(net.similarity(feats["real_train"][floor_ranked], candidates),
@@ -181,7 +195,7 @@ def evaluate_real(
     truth = {k: [str(v) for v in rows[k]] for k in net.config.labels if k in rows.column_names}
     for k, labels in truth.items():
         attributes[k] = {}
-        for name in ("generated", "real", "real_train"):
+        for name in (*rows_of, "real", "real_train"):
             predicted = net.classify(feats[name])[k]
             attributes[k][name] = sum(p == t for p, t in zip(predicted, labels)) / max(len(predicted), 1)
 
@@ -189,6 +203,7 @@ def evaluate_real(
         "data": source.name,
         "split": split,
         "num_captions": n,
+        **({"rerank_candidates": rerank} if rerank > 1 else {}),
         "frechet_distance": fd,
         "kid": kid,
         "prompt_agreement": {**agreement, "candidates": len(candidates)},

@@ -1,9 +1,10 @@
-"""Reranking: a small CLIP-style image-text scorer, trained here on the training pairs.
+"""Reranking: a small CLIP-style image-text scorer, trained here on the bundle's training pairs.
 
 Generate N candidates per prompt, score each (image, prompt) pair by the cosine similarity of
-their embeddings, keep the best k (DALL-E's CLIP reranking, at the scale of the shapes world).
+their embeddings, keep the best k (DALL-E's CLIP reranking, at the scale of a CPU-sized dataset).
 The scorer reads pixels and the bundle's own BPE ids; it is trained once with a symmetric InfoNCE
-loss on the train split and cached next to the bundle, keyed by its config and the tokenizer.
+loss on the train split of the data the bundle records (the built-in shapes when it records none,
+or shapes) and cached next to the bundle, keyed by its config, the data and the tokenizer.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from tqdm import tqdm
 
 from unimodal.cached import load_or_train
 from unimodal.data.images import images_to_tensor
-from unimodal.data.pairs import DataSource, load_pairs
+from unimodal.data.pairs import DataSource, load_pairs, readable_images
 from unimodal.data.shapes import ShapesConfig
 
 
@@ -29,12 +30,15 @@ class RerankerConfig:
     max_text_tokens: int = 32
     dim: int = 128
     text_layers: int = 2
-    train_pairs: int = 20000
+    train_pairs: int = 20000  # shapes: pairs generated to train on (other data: all its training pairs)
     epochs: int = 4
+    min_steps: int = 200  # at least this many steps however few the pairs (a small real dataset)
+    input_size: int = 32  # larger images are average-pooled to this side first (64x64 costs what 32x32 does)
     batch_size: int = 256
     lr: float = 2e-3
     seed: int = 1234
     tokenizer_digest: str = ""  # which text tokenizer the ids come from: another one retrains
+    data: dict | None = None  # DataSource.to_dict() of the pairs to learn; None: the built-in shapes
 
 
 class ContrastiveScorer(nn.Module):
@@ -57,7 +61,11 @@ class ContrastiveScorer(nn.Module):
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, R, R) in [-1, 1] -> unit embeddings (B, dim)."""
-        return F.normalize(self.image(images), dim=-1)
+        return F.normalize(self.image(self.shrink(images)), dim=-1)
+
+    def shrink(self, images: torch.Tensor) -> torch.Tensor:
+        size = self.config.input_size
+        return F.adaptive_avg_pool2d(images, size) if images.shape[-1] > size else images
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         """Padded BPE ids (B, T) -> unit embeddings (B, dim), mean over the non-pad tokens."""
@@ -81,19 +89,37 @@ class ContrastiveScorer(nn.Module):
         return (self.encode_images(images) * self.encode_text(self.pad_text(token_lists))).sum(-1)
 
 
+def training_pairs(config: RerankerConfig) -> tuple[torch.Tensor, list[str]]:
+    """The images (N, 3, R, R) and captions the scorer learns: `train_pairs` generated shapes, or every
+    readable, captioned training pair of `config.data`."""
+    if config.data is None:
+        shapes = ShapesConfig(resolution=config.resolution, train_size=config.train_pairs)
+        ds = load_pairs(DataSource(name="shapes", shapes=shapes), "train")
+        return images_to_tensor(ds["image"], config.resolution), list(ds["text"])
+    source = DataSource.from_dict(config.data)
+    ds = load_pairs(source, "train")
+    images, keep = readable_images(ds, config.resolution, source.background)
+    texts = ds.select(keep)["text"]
+    captioned = [i for i, t in enumerate(texts) if t]
+    if not captioned:
+        raise ValueError(f"{source.name!r} has no readable captioned training pairs to train the reranker on")
+    return images[captioned], [texts[i] for i in captioned]
+
+
+@torch.enable_grad()  # also when called under no_grad (an evaluation that reranks)
 def train_reranker(config: RerankerConfig, text_tokenizer, progress: bool = True) -> ContrastiveScorer:
     torch.manual_seed(config.seed)
-    shapes = ShapesConfig(resolution=config.resolution, train_size=config.train_pairs)
-    ds = load_pairs(DataSource(name="shapes", shapes=shapes), "train")
-    images = images_to_tensor(ds["image"], config.resolution)
+    images, captions = training_pairs(config)
     model = ContrastiveScorer(config)
-    texts = model.pad_text(text_tokenizer.encode_batch(ds["text"]))
+    images = model.shrink(images)  # once, not at every step
+    texts = model.pad_text(text_tokenizer.encode_batch(captions))
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
-    steps = config.epochs * (len(ds) // config.batch_size)
+    n, batch = len(captions), min(config.batch_size, len(captions))
+    steps = max(config.epochs * (n // batch), config.min_steps)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=steps)
     model.train()
     for _ in tqdm(range(steps), desc="training reranker", disable=not progress):
-        idx = torch.randint(0, len(ds), (config.batch_size,))
+        idx = torch.randint(0, n, (batch,))
         x = images[idx] + 0.05 * torch.randn_like(images[idx])  # generated images are not pixel-perfect
         logits = model.logit_scale.exp().clamp(max=100) * model.encode_images(x) @ model.encode_text(texts[idx]).T
         target = torch.arange(len(idx))
@@ -110,9 +136,13 @@ def load_or_train_reranker(directory: str | Path, config: RerankerConfig, text_t
     return load_or_train(directory, config, ContrastiveScorer, lambda: train_reranker(config, text_tokenizer))
 
 
-def reranker_for(bundle, directory: str | Path, **overrides) -> ContrastiveScorer:
-    """The scorer for a bundle's resolution and text tokenizer (cached in `directory`)."""
+def reranker_for(bundle, directory: str | Path, source: DataSource | None = None, **overrides) -> ContrastiveScorer:
+    """The scorer for a bundle's resolution and text tokenizer, trained on `source` (default: the data the
+    bundle records) and cached in `directory`."""
     import hashlib
+
+    data = source.to_dict() if source is not None else bundle.data
+    data = data if data and data.get("name") != "shapes" else None
 
     tokenizer_json = bundle.text_tokenizer.tokenizer.to_str()
     config = RerankerConfig(
@@ -120,6 +150,7 @@ def reranker_for(bundle, directory: str | Path, **overrides) -> ContrastiveScore
         text_size=bundle.vocab.text_size,
         max_text_tokens=bundle.vocab.max_text_tokens,
         tokenizer_digest=hashlib.sha256(tokenizer_json.encode()).hexdigest()[:16],
+        data=data,
         **overrides,
     )
     return load_or_train_reranker(directory, config, bundle.text_tokenizer)
