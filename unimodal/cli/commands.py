@@ -233,7 +233,7 @@ def sweep_main(argv: list[str]) -> int:
 
     p = make_parser("sweep", f"Run an experiment family (a folder with {SWEEP_FILE} and one YAML diff per run), "
                              "skipping finished runs, then compare the runs (table sorted by the family's metric "
-                             "+ curves). See unimodal/sweep.py for the folder layout.")  # fmt: skip
+                             "+ curves). See unimodal/cli/sweep.py for the folder layout.")  # fmt: skip
     p.add_argument("family", help="family folder, e.g. experiments/heldout")
     p.add_argument("--root", default="runs", help="runs go to ROOT/FAMILY/<run> (default runs)")
     p.add_argument("--only", nargs="+", default=None, help="run only these runs of the family")

@@ -29,7 +29,7 @@ from unimodal.viz import make_grid, usage_histogram
 
 
 def _use_fused(trainer) -> bool:
-    """The fused AdamW kernel on GPUs (on this project's CPUs it measured 0.99x the default: `bench
+    """The fused AdamW kernel on GPUs (on the 2-core CPUs measured it ran at 0.99x the default: `bench
     train`), except under fp16 mixed precision, where Lightning's gradient clipping refuses it."""
     return trainer.strategy.root_device.type == "cuda" and str(trainer.precision) != "16-mixed"
 
