@@ -18,8 +18,7 @@ from unimodal.generation.rerank import (
 
 
 def test_rerank_keeps_the_best_scored_candidates(tmp_path, bundle):
-    config = RerankerConfig(text_size=bundle.vocab.text_size, train_pairs=256, epochs=1, batch_size=64, dim=32,
-                            min_steps=0)  # fmt: skip
+    config = RerankerConfig(text_size=bundle.vocab.text_size, train_pairs=256, epochs=1, batch_size=64, dim=32)
     scorer = load_or_train_reranker(tmp_path, config, bundle.text_tokenizer)
     again = load_or_train_reranker(tmp_path, config, bundle.text_tokenizer)  # cached: same weights
     assert all(torch.equal(p, q) for p, q in zip(scorer.state_dict().values(), again.state_dict().values()))
@@ -41,7 +40,7 @@ def test_the_scorer_of_a_bundle_trained_on_a_folder_learns_that_folders_pairs(tm
     trained_on = replace(bundle, data=DataSource(name=str(folder)).to_dict())
     scorer = reranker_for(trained_on, tmp_path / "reranker", dim=32, min_steps=60, batch_size=36)
     assert scorer.config.data["name"] == str(folder.resolve())
-    assert reranker_for(bundle, tmp_path / "shapes", train_pairs=64, epochs=1, min_steps=1).config.data is None
+    assert reranker_for(bundle, tmp_path / "shapes", train_pairs=64, epochs=1).config.data is None
     train = load_pairs(DataSource(name=str(folder)), "train")
     images, _ = readable_images(train, 32)
     captions = sorted(set(train["text"]))

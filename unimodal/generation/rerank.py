@@ -32,7 +32,7 @@ class RerankerConfig:
     text_layers: int = 2
     train_pairs: int = 20000  # shapes: pairs generated to train on (other data: all its training pairs)
     epochs: int = 4
-    min_steps: int = 200  # at least this many steps however few the pairs (a small real dataset)
+    min_steps: int = 200  # other data than shapes: at least this many steps however few its pairs
     input_size: int = 32  # larger images are average-pooled to this side first (64x64 costs what 32x32 does)
     batch_size: int = 256
     lr: float = 2e-3
@@ -115,7 +115,9 @@ def train_reranker(config: RerankerConfig, text_tokenizer, progress: bool = True
     texts = model.pad_text(text_tokenizer.encode_batch(captions))
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
     n, batch = len(captions), min(config.batch_size, len(captions))
-    steps = max(config.epochs * (n // batch), config.min_steps)
+    steps = config.epochs * (n // batch)
+    if config.data is not None:  # a small real dataset: enough steps to learn it
+        steps = max(steps, config.min_steps)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=steps)
     model.train()
     for _ in tqdm(range(steps), desc="training reranker", disable=not progress):
