@@ -20,7 +20,6 @@ import json
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from unimodal.data.images import images_to_tensor
 from unimodal.data.pairs import DataSource, load_pairs
@@ -29,6 +28,8 @@ from unimodal.evaluation.conditioning import caption_dependence
 from unimodal.evaluation.judge import JudgeConfig, load_or_train_judge, scene_labels, scene_match
 from unimodal.evaluation.reconstruct import reconstruct
 from unimodal.generation.bundle import Bundle
+from unimodal.generation.rerank import rerank as keep_best
+from unimodal.generation.rerank import reranker_for, sample_candidates
 from unimodal.generation.sampling import SamplingParams
 from unimodal.tokenizers.image import psnr, token_statistics
 from unimodal.viz import make_grid
@@ -80,17 +81,9 @@ def evaluate_bundle(
     if rerank < 1:
         raise ValueError(f"rerank must be >= 1 candidates per caption, got {rerank}")
     captions = [r["text"] for r in rows]
-    generated = []
-    per_call = max(1, params.batch_size // rerank)  # captions per generate() call
-    for start in tqdm(range(0, len(captions), per_call), desc=f"generating {split}"):
-        chunk = SamplingParams(**{**params.__dict__, "seed": params.seed + start, "images_per_prompt": rerank})
-        generated.append(bundle.generate(captions[start : start + per_call], chunk))
-    generated = torch.cat(generated)  # (P * rerank, 3, R, R), grouped by caption
+    generated = sample_candidates(bundle, captions, params, rerank, f"generating {split}")  # (P * rerank, ...)
     extra = {}
     if rerank > 1:
-        from unimodal.generation.rerank import rerank as keep_best
-        from unimodal.generation.rerank import reranker_for
-
         overrides = {"train_pairs": reranker_train_pairs} if reranker_train_pairs else {}
         scorer = reranker_for(bundle, reranker_dir or Path(judge_dir).parent / "reranker", **overrides)
         first = generated[::rerank]

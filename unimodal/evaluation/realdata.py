@@ -28,13 +28,14 @@ from pathlib import Path
 
 import datasets
 import torch
-from tqdm import tqdm
 
 from unimodal.data.pairs import DataSource, load_pairs, readable_images
 from unimodal.evaluation.conditioning import caption_dependence
 from unimodal.evaluation.features import FeatureNetConfig, load_or_train_feature_net
 from unimodal.evaluation.reconstruct import reconstruct
 from unimodal.generation.bundle import Bundle
+from unimodal.generation.rerank import rerank as keep_best
+from unimodal.generation.rerank import reranker_for, sample_candidates
 from unimodal.generation.sampling import SamplingParams
 from unimodal.tokenizers.image import psnr, ssim, token_statistics
 from unimodal.viz import make_grid
@@ -156,17 +157,9 @@ def evaluate_real(
     codes, recon = reconstruct(tok, real, params.decoder, params.seed)
     stats = token_statistics(tok, codes)
 
-    generated = []
-    per_call = max(1, params.batch_size // rerank)  # captions per generate() call
-    for start in tqdm(range(0, n, per_call), desc=f"generating {split}"):
-        chunk = SamplingParams(**{**params.__dict__, "seed": params.seed + start, "images_per_prompt": rerank})
-        generated.append(bundle.generate(captions[start : start + per_call], chunk))
-    generated = torch.cat(generated)  # (n * rerank, 3, R, R), grouped by caption
+    generated = sample_candidates(bundle, captions, params, rerank, f"generating {split}")  # (n * rerank, ...)
     rows_of = {"generated": generated}
     if rerank > 1:
-        from unimodal.generation.rerank import rerank as keep_best
-        from unimodal.generation.rerank import reranker_for
-
         scorer = reranker_for(bundle, reranker_dir or Path(feature_dir).parent / "reranker", source,
                               **(reranker or {}))  # fmt: skip
         best, _ = keep_best(scorer, generated, bundle.text_tokenizer.encode_batch(captions), rerank)

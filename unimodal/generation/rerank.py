@@ -21,6 +21,7 @@ from unimodal.cached import load_or_train
 from unimodal.data.images import images_to_tensor
 from unimodal.data.pairs import DataSource, load_pairs, readable_images
 from unimodal.data.shapes import ShapesConfig
+from unimodal.generation.sampling import SamplingParams
 
 
 @dataclass
@@ -172,3 +173,14 @@ def rerank(
     best = scores.topk(keep, dim=1).indices  # (P, keep)
     flat = (best + torch.arange(len(prompts_ids)).unsqueeze(1) * candidates).flatten()
     return images[flat], best
+
+
+def sample_candidates(bundle, captions: list[str], params: SamplingParams, candidates: int, desc: str) -> torch.Tensor:
+    """`candidates` images per caption (len(captions) * candidates, 3, R, R), grouped by caption: batch_size //
+    candidates captions per generate() call, each call seeded with params.seed + the index of its first caption."""
+    images = []
+    per_call = max(1, params.batch_size // candidates)
+    for start in tqdm(range(0, len(captions), per_call), desc=desc):
+        chunk = SamplingParams(**{**params.__dict__, "seed": params.seed + start, "images_per_prompt": candidates})
+        images.append(bundle.generate(captions[start : start + per_call], chunk))
+    return torch.cat(images)
