@@ -1,6 +1,7 @@
 """Reranking: the contrastive scorer is trained once per config on the bundle's own data and keeps the
 best-scored candidates."""
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -14,6 +15,7 @@ from unimodal.generation.rerank import (
     load_or_train_reranker,
     rerank,
     reranker_for,
+    training_pairs,
 )
 
 
@@ -48,3 +50,11 @@ def test_the_scorer_of_a_bundle_trained_on_a_folder_learns_that_folders_pairs(tm
     scores = torch.stack([scorer.score(images, [c] * len(images)) for c in ids], 1)  # (images, captions)
     own = torch.tensor([captions.index(t) for t in train["text"]])
     assert (scores.argmax(1) == own).float().mean() > 0.8
+
+
+def test_a_folder_without_readable_captioned_pictures_is_refused_in_one_line(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "a.png").write_bytes(b"not a picture")
+    (tmp_path / "train" / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "caption": "red disc"}))
+    with pytest.raises(ValueError, match="no readable captioned training pairs"):
+        training_pairs(RerankerConfig(data=DataSource(name=str(tmp_path)).to_dict()))

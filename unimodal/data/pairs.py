@@ -183,10 +183,10 @@ def load_pairs(source: DataSource, split: str) -> datasets.Dataset:
 
 def readable_images(ds: datasets.Dataset, resolution: int, background: str = BACKGROUND):
     """The images of the rows that can be read, as a tensor (N, 3, R, R) in [-1, 1], and those rows' indices."""
-    if len(ds) == 0:
-        return torch.empty(0, 3, resolution, resolution), []
-    undecoded = ds.cast_column("image", datasets.Image(decode=False))["image"]
+    undecoded = ds.cast_column("image", datasets.Image(decode=False))["image"] if len(ds) else []
     images, bad = decode_or_skip(undecoded)
     unreadable = set(bad)
     keep = [i for i in range(len(undecoded)) if i not in unreadable]
+    if not images:  # no rows, or none readable
+        return torch.empty(0, 3, resolution, resolution), keep
     return images_to_tensor(images, resolution, background), keep
